@@ -1,0 +1,1 @@
+"""Pure PyTorch/NumPy building blocks. Nothing here imports Prefect."""

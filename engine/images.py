@@ -1,0 +1,227 @@
+"""Finding, decoding and batching images without ever holding the dataset in memory.
+
+Every file under the data folder is listed (recursively, in a stable order); a file that
+cannot be used is not an error but a manifest row with status "skipped" and a reason.
+Grayscale, palette, CMYK, alpha and 16-bit images are converted to 8-bit RGB; images
+larger than `MAX_PIXELS` are refused before their pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from engine.models import Preprocessing
+
+MAX_PIXELS = 100_000_000  # 10k x 10k; larger is treated as a decompression bomb
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+SPLITS = ("train", "val", "valid", "validation", "test")
+
+
+class ImageError(Exception):
+    """Why a file was skipped; the message goes into the manifest's `reason`."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of the dataset: its path relative to the data root, label and split."""
+
+    path: str
+    label: str | None
+    split: str | None
+
+
+def list_images(root: str | os.PathLike) -> list[Entry]:
+    """Every regular file under `root`, sorted by relative path (the image index order).
+
+    ImageFolder layout: the label is the name of the file's folder; a `train/`, `val/` or
+    `test/` folder directly under the root names the split. Files directly in the root
+    have no label. Hidden files and folders (starting with '.') are not part of a dataset.
+    """
+    root = Path(root)
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root)
+        parts = rel_dir.parts
+        split = parts[0] if parts and parts[0].lower() in SPLITS else None
+        label_parts = parts[1:] if split else parts
+        label = label_parts[-1] if label_parts else None
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            full = Path(dirpath) / name
+            if not full.is_file():
+                continue
+            entries.append(Entry((rel_dir / name).as_posix(), label, split))
+    entries.sort(key=lambda e: e.path)
+    return entries
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode Pillow decodes (L, LA, P, RGBA, CMYK, I;16, I, F, ...)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F":
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        else:
+            arr = arr / top * 255.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Decode `path` to an upright 8-bit RGB image, or raise ImageError with the reason."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageError("empty file")
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"decompression bomb guard: {w}x{h} pixels exceeds {MAX_PIXELS}")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"decompression bomb guard: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "truncated" in msg.lower() or "premature end" in msg.lower():
+            raise ImageError(f"truncated or corrupt image: {msg}") from None
+        raise ImageError(f"cannot decode: {msg}") from None
+
+
+def resize_crop(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """Resize the shorter side to `prep.resize`, centre-crop `prep.crop`: uint8 [H, W, 3].
+
+    Bilinear with antialiasing, exactly as torchvision's Resize + CenterCrop on a PIL image.
+    """
+    w, h = img.size
+    if w <= h:
+        nw, nh = prep.resize, int(prep.resize * h / w)
+    else:
+        nw, nh = int(prep.resize * w / h), prep.resize
+    img = img.resize((nw, nh), Image.BILINEAR)
+    c = prep.crop
+    left = int(round((nw - c) / 2.0))
+    top = int(round((nh - c) / 2.0))
+    if nw < c or nh < c:  # only for crop > resize: pad like torchvision's CenterCrop
+        canvas = Image.new("RGB", (max(nw, c), max(nh, c)))
+        canvas.paste(img, ((max(nw, c) - nw) // 2, (max(nh, c) - nh) // 2))
+        img, nw, nh = canvas, max(nw, c), max(nh, c)
+        left, top = int(round((nw - c) / 2.0)), int(round((nh - c) / 2.0))
+    return np.array(img.crop((left, top, left + c, top + c)), dtype=np.uint8)
+
+
+def load_preprocessed(path: str | os.PathLike, prep: Preprocessing) -> np.ndarray:
+    """Decode + resize + crop one file: uint8 [crop, crop, 3]. Raises ImageError."""
+    return resize_crop(open_image(path), prep)
+
+
+@dataclass
+class Batch:
+    """Decoded images of one batch, in index order; `failed` are the indices that did not decode."""
+
+    indices: np.ndarray  # int64 [B], dataset image indices
+    images: torch.Tensor  # uint8 [B, H, W, 3]
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+    def normalized(self, prep: Preprocessing, device: torch.device | str = "cpu") -> torch.Tensor:
+        x = self.images
+        if torch.device(device).type == "cuda":
+            x = x.pin_memory().to(device, non_blocking=True)
+        return prep.normalize(x)
+
+
+def iter_batches(
+    items: Sequence[tuple[int, str | os.PathLike]],
+    prep: Preprocessing,
+    batch_size: int = 32,
+    decode_threads: int = 2,
+    prefetch: int = 2,
+) -> Iterator[Batch]:
+    """Decode `(index, path)` items in a thread pool and yield them in batches, in order.
+
+    Decoding runs ahead of the consumer by `prefetch` batches so it overlaps the model's
+    forward pass; memory is bounded by (prefetch + 1) batches whatever the dataset size.
+    A batch whose every image failed is still yielded (with zero images) so failures are seen.
+    """
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if not chunks:
+        return
+
+    def decode(item):
+        idx, path = item
+        try:
+            return idx, load_preprocessed(path, prep), None
+        except ImageError as e:
+            return idx, None, str(e)
+
+    def assemble(results) -> Batch:
+        ok = [(i, a) for i, a, err in results if err is None]
+        failed = [(i, err) for i, _, err in results if err is not None]
+        if ok:
+            images = torch.from_numpy(np.stack([a for _, a in ok]))
+        else:
+            images = torch.zeros((0, prep.crop, prep.crop, 3), dtype=torch.uint8)
+        return Batch(np.array([i for i, _ in ok], dtype=np.int64), images, failed)
+
+    with ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="decode") as pool:
+        pending: queue.SimpleQueue = queue.SimpleQueue()
+        submitted = 0
+        for _ in range(min(prefetch + 1, len(chunks))):
+            pending.put([pool.submit(decode, it) for it in chunks[submitted]])
+            submitted += 1
+        for _ in range(len(chunks)):
+            futures = pending.get()
+            batch = assemble([f.result() for f in futures])
+            if submitted < len(chunks):
+                pending.put([pool.submit(decode, it) for it in chunks[submitted]])
+                submitted += 1
+            yield batch
+
+
+def label_index(label: str | None, wnid_index: dict[str, int]) -> int:
+    """Class index of a folder label that is a WordNet id, else -1."""
+    if label is None:
+        return -1
+    return wnid_index.get(label, -1)
+
+
+def describe_paths(entries: Iterable[Entry]) -> dict:
+    """Counts for the report's dataset summary."""
+    entries = list(entries)
+    labels = {e.label for e in entries if e.label}
+    splits = sorted({e.split for e in entries if e.split})
+    return {"files": len(entries), "labels": len(labels), "splits": splits}

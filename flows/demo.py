@@ -1,0 +1,30 @@
+"""`neurocat demo`: every job on the small dataset the repo ships, into one store and one report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows.common import RunOptions, resolve_paths
+from flows.predict import run_predict
+from flows.report import publish_report
+from storage.store import Store
+
+
+
+def demo_data_path() -> Path:
+    """The shipped demo images (inside the installed package, or the source tree)."""
+    import neurocat
+
+    return Path(neurocat.__file__).with_name("demo_data")
+
+
+@flow(name="demo", log_prints=True)
+def demo_flow(opts: RunOptions) -> dict:
+    opts = resolve_paths(opts.model_copy(update={"data": opts.data or str(demo_data_path())}), "demo")
+    store = Store(opts.store)
+    with store.lock():
+        table = run_predict(opts, store)
+        report = publish_report(opts.store, opts.report)
+    return {"store": opts.store, "report": str(report), "images": len(table)}

@@ -1,0 +1,5 @@
+import sys
+
+from neurocat.cli import main
+
+sys.exit(main())

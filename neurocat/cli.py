@@ -1,0 +1,153 @@
+"""The `neurocat` command line. Each subcommand lives in `neurocat/commands/<name>.py`.
+
+A command module defines `HELP`, `add_arguments(parser)` and `run(args) -> dict`; job
+commands (`JOB = True`) also get the common options and run a Prefect flow. The dict it
+returns is printed as `key: value` lines, or as one JSON object with `--json`.
+Exit codes: 0 success, 2 bad arguments or unusable input, 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import sys
+import traceback
+
+COMMANDS = ["demo", "predict", "catalog", "embed", "neighbors", "audit", "explain", "render",
+            "report", "layers", "plan"]
+
+
+def _prepare_environment(verbose: bool) -> None:
+    """Prefect settings that must be in place before Prefect is imported."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    if not os.environ.get("PREFECT_API_URL"):
+        url = os.environ.get("NEUROCAT_PREFECT_SERVER", "http://127.0.0.1:4200/api")
+        if _server_alive(url):
+            os.environ["PREFECT_API_URL"] = url
+
+
+def _server_alive(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=0.5) as r:
+            return r.status == 200
+    except Exception:  # noqa: BLE001 - no server is the normal case
+        return False
+
+
+def add_common_options(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--data", required=data_required, help="image folder (ImageFolder layout or flat)")
+    g.add_argument("--model", default="efficientnet_lite0", help="registered model name")
+    g.add_argument("--weights", help="local state_dict file (torch.load weights_only=True)")
+    g.add_argument("--store", help="zarr store path (default runs/<run-id>.zarr)")
+    g.add_argument("--report", help="report folder (default <store>-report)")
+    g.add_argument("--runner", default="threads", help="threads | dask | tcp://host:port")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--shard-size", type=int, default=256, help="images per shard task")
+    g.add_argument("--limit", type=int, help="use only the first N files")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def run_options(args, **overrides):
+    """RunOptions from parsed common options (validated before any flow starts)."""
+    from engine.errors import InputError
+    from flows.common import RunOptions
+
+    data = getattr(args, "data", None)
+    if data is not None and not os.path.isdir(data):
+        raise InputError(f"data folder not found: {data}")
+    if args.batch_size < 1 or args.shard_size < 1 or (args.limit is not None and args.limit < 1):
+        raise InputError("--batch-size, --shard-size and --limit must be positive")
+    from engine.models import load_model
+
+    load_model(args.model, args.weights, args.device)  # fail fast on a bad model or weights file
+    progress = sys.stderr.isatty() and not args.json
+    return RunOptions(data=data, model=args.model, weights=args.weights, store=args.store, report=args.report,
+                      runner=args.runner, batch_size=args.batch_size, limit=args.limit, device=args.device,
+                      shard_size=args.shard_size, progress=progress, **overrides)
+
+
+def with_runner(flow_fn, opts):
+    """The flow with the task runner `--runner` names."""
+    from flows.runners import task_runner
+
+    return flow_fn.with_options(task_runner=task_runner(opts.runner))
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="neurocat", description="Dataset-scale CNN interpretability.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"neurocat.commands.{name.replace('-', '_')}")
+        except ModuleNotFoundError as e:
+            if e.name == f"neurocat.commands.{name.replace('-', '_')}":
+                continue
+            raise
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        if getattr(mod, "JOB", False):
+            add_common_options(p, data_required=getattr(mod, "DATA_REQUIRED", True))
+        mod.add_arguments(p)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+        modules[name] = mod
+    return parser, modules
+
+
+def _print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, default=str)
+        print(f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from neurocat import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    _prepare_environment(args.verbose)
+    from engine.errors import InputError
+    from storage.store import StoreLockedError
+
+    real_stdout = sys.stdout
+    try:
+        # keep stdout clean for --json: anything a library prints goes to stderr
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = modules[args.command].run(args)
+    except (InputError, StoreLockedError) as e:
+        print(f"neurocat: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neurocat: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        print("neurocat: internal error (above); please report it", file=sys.stderr)
+        return 1
+    sys.stdout = real_stdout
+    _print_result(result or {}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

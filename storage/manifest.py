@@ -1,0 +1,66 @@
+"""The dataset manifest: one row per file found, with its hash and whether it is usable."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from engine.images import MAX_PIXELS, Entry, list_images, sha256_file
+from storage.store import MANIFEST_COLUMNS
+
+
+def _probe(root: Path, entry: Entry, known: dict[tuple, str]) -> dict:
+    """Hash the file and read its header (not its pixels): cheap checks before any shard runs."""
+    full = root / entry.path
+    row = {"path": entry.path, "label": entry.label, "split": entry.split,
+           "sha256": None, "status": "ok", "reason": None}
+    try:
+        st = full.stat()
+        key = (entry.path, st.st_size, st.st_mtime_ns)
+        row["sha256"] = known.get(key) or sha256_file(full)
+        row["size"], row["mtime_ns"] = st.st_size, st.st_mtime_ns
+        if st.st_size == 0:
+            row.update(status="skipped", reason="empty file")
+            return row
+        with Image.open(full) as img:
+            w, h = img.size
+        if w * h > MAX_PIXELS:
+            row.update(status="skipped", reason=f"decompression bomb guard: {w}x{h} pixels exceeds {MAX_PIXELS}")
+    except Image.DecompressionBombError as e:
+        row.update(status="skipped", reason=f"decompression bomb guard: {e}")
+    except Image.UnidentifiedImageError:
+        row.update(status="skipped", reason="not an image (unrecognised format)")
+    except OSError as e:
+        row.update(status="skipped", reason=f"unreadable: {e.strerror or e}")
+    return row
+
+
+def build_manifest(root: str | os.PathLike, previous: pd.DataFrame | None = None, limit: int | None = None,
+                   threads: int = 4) -> pd.DataFrame:
+    """List, hash and header-check every file under `root`; reuse hashes of unchanged files."""
+    root = Path(root)
+    entries = list_images(root)
+    if limit is not None:
+        entries = entries[:limit]
+    known = {}
+    if previous is not None and len(previous) and "size" in previous:
+        known = {(p, s, m): h for p, s, m, h in
+                 zip(previous["path"], previous["size"], previous["mtime_ns"], previous["sha256"]) if h}
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        rows = list(pool.map(lambda e: _probe(root, e, known), entries))
+    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ["size", "mtime_ns"])
+    df["size"] = df["size"].astype("Int64")
+    df["mtime_ns"] = df["mtime_ns"].astype("Int64")
+    return df
+
+
+def mark_failed(df: pd.DataFrame, failures: list[tuple[int, str]]) -> pd.DataFrame:
+    """Record decode failures found by the shards (index, reason)."""
+    df = df.copy()
+    for index, reason in failures:
+        df.loc[int(index), ["status", "reason"]] = ["skipped", reason]
+    return df

@@ -1,0 +1,69 @@
+"""Decoding: every awkward input is either converted or skipped with a reason."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from badfiles import make_bad_folder, png_header_only
+from engine.images import ImageError, iter_batches, list_images, load_preprocessed, open_image
+from engine.models import Preprocessing
+from storage.manifest import build_manifest
+
+TENCH = "n01440764/n01440764_tench.JPEG"
+
+
+def test_preprocessing_equals_torchvision(shared_images):
+    prep = Preprocessing()
+    reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(prep.mean, prep.std)])
+    for path in sorted(shared_images.glob("*/*"))[:6]:
+        ours = prep.normalize(torch.from_numpy(load_preprocessed(path, prep))[None])[0]
+        theirs = reference(Image.open(path).convert("RGB"))
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_awkward_files(tmp_path, shared_images):
+    expected = make_bad_folder(tmp_path, shared_images / TENCH)
+    manifest = build_manifest(tmp_path)
+    assert set(manifest["path"]) == set(expected)
+    prep = Preprocessing()
+    items = [(i, str(tmp_path / p)) for i, p in enumerate(manifest["path"]) if manifest["status"][i] == "ok"]
+    decoded, failed = {}, {}
+    for batch in iter_batches(items, prep, batch_size=4):
+        for i, img in zip(batch.indices, batch.images):
+            decoded[manifest["path"][i]] = img.numpy()
+        failed.update({manifest["path"][i]: r for i, r in batch.failed})
+    reasons = dict(zip(manifest["path"], manifest["reason"])) | failed
+    for path, status in expected.items():
+        if status == "ok":
+            assert path in decoded, (path, reasons.get(path))
+            assert decoded[path].shape == (224, 224, 3) and decoded[path].dtype == np.uint8
+        else:
+            assert path not in decoded and reasons[path], path
+    assert "empty" in reasons["n01440764/empty.jpg"]
+    assert "not an image" in reasons["n01440764/notes.jpg"]
+    assert "bomb" in reasons["n01440764/bomb.png"]
+    assert "truncated" in reasons["n01440764/truncated.jpg"]
+    # conversions keep the picture: 16-bit and grayscale agree with the 8-bit gray version
+    gray, sixteen = decoded["n01440764/gray.jpg"].astype(int), decoded["n01440764/sixteen_bit.png"].astype(int)
+    assert np.abs(gray - sixteen).mean() < 3
+    assert np.abs(decoded["n01440764/cmyk.jpg"].astype(int) - decoded["n01440764/good.jpg"].astype(int)).mean() < 8
+
+
+def test_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header_only(20000, 20000))
+    with pytest.raises(ImageError, match="decompression bomb"):
+        open_image(path)
+
+
+def test_listing_is_recursive_and_labels_folders(tmp_path, shared_images):
+    for rel in ["train/n01440764/a.jpg", "val/n01440764/b.jpg", "flat.jpg", ".hidden/x.jpg", "n02/sub/c.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes((shared_images / TENCH).read_bytes())
+    entries = {e.path: e for e in list_images(tmp_path)}
+    assert set(entries) == {"train/n01440764/a.jpg", "val/n01440764/b.jpg", "flat.jpg", "n02/sub/c.jpg"}
+    assert entries["train/n01440764/a.jpg"].label == "n01440764" and entries["train/n01440764/a.jpg"].split == "train"
+    assert entries["flat.jpg"].label is None
+    assert entries["n02/sub/c.jpg"].label == "sub"

@@ -1,0 +1,80 @@
+"""`neurocat predict` end to end: accuracy, agreement with a plain torch loop, bad inputs, CLI."""
+
+import json
+import subprocess
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from badfiles import HOSTILE_NAMES, make_bad_folder
+from conftest import cli_env, neurocat_cmd
+from flows.common import RunOptions
+from flows.predict import predict_flow
+
+
+def plain_torch_top1(model, paths):
+    prep = model.preprocessing
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(prep.mean, prep.std)])
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(paths), 32):
+            x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[i:i + 32]])
+            preds += model.module(x).argmax(1).tolist()
+    return preds
+
+
+def test_predict_matches_plain_torch_loop(prefect_api, shared_images, tmp_path, model):
+    result = predict_flow(RunOptions(data=str(shared_images), store=str(tmp_path / "p.zarr"),
+                                     report=str(tmp_path / "report")))
+    table = pd.read_csv(result["predictions"])
+    assert list(table.columns) == ["path", "label", "pred_index", "pred_wnid", "pred_name", "prob"]
+    assert len(table) == 250
+    assert result["top1"] >= 0.85
+    assert (table["label"] == table["pred_wnid"]).mean() == result["top1"]
+    expected = plain_torch_top1(model, [shared_images / p for p in table["path"]])
+    assert table["pred_index"].tolist() == expected
+    assert (tmp_path / "report" / "index.html").exists()
+
+
+def test_bad_inputs_are_skipped_and_reported(prefect_api, shared_images, tmp_path):
+    data = tmp_path / "data"
+    expected = make_bad_folder(data, shared_images / "n01440764/n01440764_tench.JPEG")
+    out = subprocess.run(neurocat_cmd() + ["predict", "--data", str(data), "--store", str(tmp_path / "s.zarr"),
+                                           "--json"], capture_output=True, text=True, env=cli_env(prefect_api),
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    table = pd.read_csv(result["predictions"])
+    good = {p for p, s in expected.items() if s == "ok"}
+    assert set(table["path"]) == good
+    tench = table[table["path"].str.endswith(tuple(HOSTILE_NAMES) + ("good.jpg",))]
+    assert (tench["pred_wnid"] == "n01440764").all()  # the same picture under every hostile name
+    html = (tmp_path / "s-report" / "index.html").read_text()
+    for path, status in expected.items():
+        if status == "skipped":
+            assert path in html
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in (tmp_path / "s-report" / "predict.html").read_text()
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, shared_images):
+    cases = [
+        ["predict", "--data", str(tmp_path / "missing")],
+        ["predict", "--data", str(shared_images), "--model", "alexnet", "--weights", str(tmp_path / "none.pth")],
+        ["predict", "--data", str(shared_images), "--runner", "carrier-pigeon", "--limit", "1"],
+        ["predict", "--data", str(shared_images), "--batch-size", "0"],
+    ]
+    for args in cases:
+        out = subprocess.run(neurocat_cmd() + args, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr, args
+        assert out.stderr.strip().count("\n") <= 1 or "usage:" in out.stderr, out.stderr
+
+
+def test_empty_folder_gives_empty_report(prefect_api, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = predict_flow(RunOptions(data=str(tmp_path / "empty"), store=str(tmp_path / "e.zarr")))
+    assert result["images"] == 0
+    assert "no usable image" in (tmp_path / "e-report" / "index.html").read_text()
