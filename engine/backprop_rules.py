@@ -1,0 +1,66 @@
+"""Modified ReLU backward rules: guided backpropagation and the Zeiler-Fergus deconvnet.
+
+Both only change how a gradient crosses a ReLU (or ReLU6):
+  plain gradient:  g_in = g_out * [x > 0]
+  deconvnet:       g_in = max(g_out, 0)                 (ignores the forward pass)
+  guided backprop: g_in = max(g_out, 0) * [x > 0]       (both masks)
+The rule is installed by swapping each activation module's `forward` inside a context
+manager and restored on exit, even after an exception, so the model is unchanged
+afterwards. In-place ReLUs (torchvision) and shared modules (EfficientNet's `_swish`)
+work, since nothing is hooked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+RULES = ("guided", "deconvnet")
+
+
+class _RuleReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, upper, rule):
+        ctx.rule = rule
+        lo = x > 0
+        ctx.save_for_backward(lo if upper is None else lo & (x < upper))
+        return x.clamp(min=0) if upper is None else x.clamp(0, upper)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        positive = grad.clamp(min=0)
+        if ctx.rule == "deconvnet":
+            return positive, None, None
+        return positive * mask, None, None
+
+
+def _activation_bounds(m: nn.Module) -> tuple[bool, float | None]:
+    if isinstance(m, nn.ReLU6):
+        return True, 6.0
+    if isinstance(m, nn.ReLU):
+        return True, None
+    if isinstance(m, nn.Hardtanh) and m.min_val == 0.0:
+        return True, float(m.max_val)
+    return False, None
+
+
+@contextlib.contextmanager
+def relu_backward_rule(module: nn.Module, rule: str) -> Iterator[nn.Module]:
+    """Inside the block, backward passes through `module`'s ReLUs use `rule`."""
+    if rule not in RULES:
+        raise ValueError(f"unknown backward rule {rule!r}; use one of {RULES}")
+    patched = []
+    try:
+        for m in module.modules():
+            is_relu, upper = _activation_bounds(m)
+            if is_relu and "forward" not in m.__dict__:
+                m.forward = (lambda x, _u=upper: _RuleReLU.apply(x, _u, rule))
+                patched.append(m)
+        yield module
+    finally:
+        for m in patched:
+            del m.forward
