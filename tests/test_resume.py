@@ -21,7 +21,7 @@ def test_killed_run_resumes_identically(prefect_api, shared_images, tmp_path):
     store = tmp_path / "killed.zarr"
     cmd = neurocat_cmd() + ["predict", "--data", str(shared_images), "--store", str(store)] + ARGS
     proc = subprocess.Popen(cmd, env=cli_env(prefect_api), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    markers = store / "_shards" / "predict"
+    markers = store / "_shards" / "features"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if markers.is_dir() and len(list(markers.glob("*.json"))) >= 3:
@@ -43,7 +43,7 @@ def test_killed_run_resumes_identically(prefect_api, shared_images, tmp_path):
 def test_rerun_skips_finished_shards(prefect_api, shared_images, tmp_path):
     opts = RunOptions(data=str(shared_images), store=str(tmp_path / "r.zarr"), limit=16, shard_size=8)
     predict_flow(opts)
-    marker = tmp_path / "r.zarr" / "_shards" / "predict" / "0.json"
+    marker = tmp_path / "r.zarr" / "_shards" / "features" / "0.json"
     stamp = marker.stat().st_mtime_ns
     predict_flow(opts)
     assert marker.stat().st_mtime_ns == stamp
