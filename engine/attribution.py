@@ -1,0 +1,324 @@
+"""Attribution maps for a batch: which pixels made the model score class c.
+
+Every method takes a `LoadedModel`, a normalised batch `x` [B, 3, H, W] (on the model's
+device) and the class to explain per image, `targets` [B] (see `resolve_targets`), and
+returns a map [B, H, W] where larger means more important for that class:
+
+  saliency              max over colour channels of |dS_c/dI|                (Simonyan 2014)
+  guided_backprop       the same with the guided ReLU backward rule          (Springenberg 2015)
+  gradcam               ReLU(sum_k alpha_k A_k), alpha = GAP of dS_c/dA, upsampled, in [0, 1]
+  guided_gradcam        guided backprop x Grad-CAM, max |.| over channels    (Selvaraju 2017)
+  cam                   sum_k w_ck f_k at the GAP input, upsampled (GAP nets only; Zhou 2016)
+  occlusion             mean drop of p_c over the grey patches covering a pixel (Zeiler 2014)
+  integrated_gradients  (x - x0) * integral of dS_c/dI on the straight path, summed over channels
+  smoothgrad            mean over noisy copies of |dS_c/dI|, max over channels (Smilkov 2017)
+
+Work is batched: gradient methods push chunks of `chunk` images (or image x step /
+image x occluder pairs) through one forward/backward, never one image at a time. Hooks
+live in context managers and are removed on exit, also after an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.backprop_rules import relu_backward_rule
+from engine.errors import InputError
+from engine.hooks import forward_hooks
+from engine.inference import run_model
+from engine.models import LoadedModel
+
+METHODS = ("saliency", "guided_backprop", "gradcam", "guided_gradcam", "cam", "occlusion",
+           "integrated_gradients", "smoothgrad")
+
+
+# ---- targets --------------------------------------------------------------------------
+def parse_target(target: str | int) -> str | int:
+    """`pred`, `label` or a class index (as int or decimal string); anything else is an InputError."""
+    if isinstance(target, int) or (isinstance(target, str) and target.strip().isdigit()):
+        index = int(target)
+        if not 0 <= index < 1000:
+            raise InputError(f"target class index {index} is outside 0..999")
+        return index
+    if target in ("pred", "label"):
+        return target
+    raise InputError(f"--target must be pred, label or a class index, not {target!r}")
+
+
+def resolve_targets(target: str | int, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Class index per image: the prediction, the folder label (the prediction where the
+    folder is not a known class, label -1), or one fixed class."""
+    pred = logits.argmax(1)
+    if target == "pred":
+        return pred
+    if target == "label":
+        labels = labels.to(pred.device)
+        return torch.where(labels >= 0, labels, pred)
+    return torch.full_like(pred, int(target))
+
+
+# ---- plumbing -------------------------------------------------------------------------
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for s in range(0, n, max(1, size)):
+        yield slice(s, min(s + size, n))
+
+
+def _input_gradients(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dS_t/dx and the logits for one chunk (the caller holds the model lock)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model.module(x)
+        (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), x)
+    return grad, logits.detach()
+
+
+def _gradients_along(model: LoadedModel, n: int, make: Callable[[torch.Tensor], torch.Tensor],
+                     targets: torch.Tensor, chunk: int, reduce: Callable[[torch.Tensor, torch.Tensor], None]
+                     ) -> None:
+    """Gradients of `n` generated inputs (`make(idx)` builds the inputs `idx`), `chunk` at a time,
+    handed to `reduce(idx, grad)`: integrated gradients and SmoothGrad never hold all of them."""
+    device = targets.device
+    for sl in _chunks(n, chunk):
+        idx = torch.arange(sl.start, sl.stop, device=device)
+        grad, _ = _input_gradients(model, make(idx), targets[idx])
+        reduce(idx, grad)
+
+
+def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, h, w] -> [B, H, W], bilinear (half-pixel centres, like cv2.resize)."""
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _minmax(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-map (m - min) / max, as pytorch-grad-cam scales its CAMs."""
+    flat = maps.flatten(1)
+    flat = flat - flat.min(1, keepdim=True).values
+    return (flat / (eps + flat.max(1, keepdim=True).values)).view_as(maps)
+
+
+def is_gap_net(model: LoadedModel) -> bool:
+    """Does the net end in global average pooling + one linear layer (what CAM needs)?"""
+    gap, fc = model.layer("fc7"), model.layer("logits")
+    return (isinstance(gap, nn.AdaptiveAvgPool2d) and gap.output_size in (1, (1, 1))
+            and isinstance(fc, nn.Linear))
+
+
+@contextlib.contextmanager
+def _layer_activation(model: LoadedModel, layer: str | None, leaf: bool) -> Iterator[dict]:
+    """Yield {"act": A} filled during the forward pass: the output of `layer`, or with
+    `layer=None` on a GAP net, the input of the global pooling (the activation that is
+    really pooled; EfficientNet's post-head ReLU6 is a shared module that cannot be hooked).
+
+    With `leaf=True` the activation is replaced by a detached copy that requires grad, so
+    a backward pass from the logits stops at A instead of running down to the pixels.
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(a: torch.Tensor) -> torch.Tensor:
+        out["act"] = a.detach().requires_grad_(True) if leaf else a
+        return out["act"]
+
+    if layer is None and is_gap_net(model):
+        gap = model.layer("fc7")
+
+        def hook(_m, inputs, _output):
+            return F.adaptive_avg_pool2d(keep(inputs[0]), gap.output_size)
+        name = model.resolve("fc7")
+    else:
+        name = model.resolve(layer or "last_conv")
+
+        def hook(_m, _inputs, output):
+            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                raise InputError(f"layer {name!r} does not output a [B, C, H, W] feature map")
+            return keep(output)
+    with forward_hooks(model.module, {name: hook}):
+        yield out
+
+
+# ---- gradient methods -----------------------------------------------------------------
+def saliency(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """max_c |dS_t/dI_c| per pixel (the seeds' definition of a vanilla gradient saliency map)."""
+    out = x.new_empty((len(x),) + x.shape[2:])
+    with model.lock:
+        for sl in _chunks(len(x), chunk):
+            grad, _ = _input_gradients(model, x[sl], targets[sl])
+            out[sl] = grad.abs().amax(1)
+    return out
+
+
+def guided_gradients(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """dS_t/dI [B, 3, H, W] with the guided-backprop ReLU rule (the model is restored after)."""
+    out = torch.empty_like(x)
+    with model.lock, relu_backward_rule(model.module, "guided"):
+        for sl in _chunks(len(x), chunk):
+            out[sl], _ = _input_gradients(model, x[sl], targets[sl])
+    return out
+
+
+def guided_backprop(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    return guided_gradients(model, x, targets, chunk).abs().amax(1)
+
+
+def gradcam(model: LoadedModel, x: torch.Tensor, target_index: torch.Tensor, layer: str | None = None,
+            chunk: int = 32) -> torch.Tensor:
+    """Grad-CAM [B, H, W] in [0, 1] at `layer` (default: the activation a GAP net pools, else
+    the model's `last_conv`). The backward pass runs only from the logits down to `layer`."""
+    out = x.new_empty((len(x),) + x.shape[2:])
+    with model.lock:
+        for sl in _chunks(len(x), chunk):
+            with _layer_activation(model, layer, leaf=True) as store, torch.enable_grad():
+                logits = model.module(x[sl].detach())
+                acts = store["act"]
+                (grad,) = torch.autograd.grad(logits.gather(1, target_index[sl, None]).sum(), acts)
+            weights = grad.mean((2, 3), keepdim=True)
+            cams = F.relu((weights * acts.detach()).sum(1))
+            out[sl] = _minmax(_upsample(cams, x.shape[2:]))
+    return out
+
+
+def guided_gradcam(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, layer: str | None = None,
+                   chunk: int = 32) -> torch.Tensor:
+    """Guided backprop gated by Grad-CAM: fine detail, but only where the class evidence is."""
+    return (guided_gradients(model, x, targets, chunk) * gradcam(model, x, targets, layer, chunk)[:, None]
+            ).abs().amax(1)
+
+
+def cam(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Class activation map sum_k w_ck f_k(x, y) from the classifier weights (no ReLU), upsampled."""
+    if not is_gap_net(model):
+        raise InputError(f"cam needs a net that ends in global average pooling + one linear layer; "
+                         f"{model.name} does not (use gradcam)")
+    weight = model.layer("logits").weight
+    out = x.new_empty((len(x),) + x.shape[2:])
+    with model.lock, torch.inference_mode():
+        for sl in _chunks(len(x), chunk):
+            with _layer_activation(model, None, leaf=False) as store:
+                model.module(x[sl])
+            maps = torch.einsum("bkhw,bk->bhw", store["act"], weight[targets[sl]])
+            out[sl] = _upsample(maps, x.shape[2:])
+    return out
+
+
+def integrated_gradients(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor,
+                         baseline: torch.Tensor | float = 0.0, steps: int = 64, chunk: int = 32
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integrated gradients [B, 3, H, W] on the straight path from `baseline` (default 0, the
+    mean colour after normalisation) to x, Gauss-Legendre quadrature with `steps` nodes (as
+    Captum's default); and the completeness error per image,
+    |sum(attr) - (S_t(x) - S_t(baseline))| / |S_t(x) - S_t(baseline)|."""
+    base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    alphas = torch.tensor(0.5 * (nodes + 1), dtype=x.dtype, device=x.device)
+    step_w = torch.tensor(0.5 * weights, dtype=x.dtype, device=x.device)
+    B = len(x)
+    total = torch.zeros_like(x)
+    flat_targets = targets.repeat(steps)  # pair i = (step i // B, image i % B), Captum's order
+
+    def make(idx):
+        s, b = idx // B, idx % B
+        a = alphas[s].view(-1, 1, 1, 1)
+        return base[b] + a * (x[b] - base[b])
+
+    def reduce(idx, grad):
+        s, b = idx // B, idx % B
+        total.index_add_(0, b, grad * step_w[s].view(-1, 1, 1, 1))
+
+    with model.lock:
+        _gradients_along(model, B * steps, make, flat_targets, chunk, reduce)
+    attr = (x - base) * total
+    with torch.inference_mode():
+        ends, _ = run_model(model, torch.cat([x, base]))
+    scores = ends.gather(1, torch.cat([targets, targets])[:, None])[:, 0]
+    delta = scores[:B] - scores[B:]
+    error = (attr.sum((1, 2, 3)) - delta).abs() / delta.abs().clamp(min=1e-12)
+    return attr, error
+
+
+def smoothgrad(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, samples: int = 16,
+               noise: float = 0.15, chunk: int = 32, seed: int = 0) -> torch.Tensor:
+    """Mean |dS_t/dI| over `samples` copies of x with Gaussian noise of std `noise` x (max - min)
+    of each image, then max over colour channels. Seeded: a rerun gives the same map."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    sigma = noise * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+    total = torch.zeros_like(x)
+    flat_targets = targets.repeat_interleave(samples)
+
+    def make(idx):
+        b = idx // samples
+        eps = torch.randn(x[b].shape, generator=gen, device=x.device, dtype=x.dtype)
+        return x[b] + sigma[b].view(-1, 1, 1, 1) * eps
+
+    def reduce(idx, grad):
+        total.index_add_(0, idx // samples, grad.abs())
+
+    with model.lock:
+        _gradients_along(model, len(x) * samples, make, flat_targets, chunk, reduce)
+    return (total / samples).amax(1)
+
+
+# ---- perturbation -----------------------------------------------------------------------
+def occluder_masks(size: int, patch: int, stride: int, device=None) -> torch.Tensor:
+    """Square occluders [P, size, size] (1 = hidden) on a grid that covers the whole image."""
+    if not 0 < patch <= size or stride < 1:
+        raise InputError(f"occlusion needs 0 < patch <= {size} and stride >= 1 (got {patch}, {stride})")
+    starts = list(range(0, size - patch + 1, stride))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    pos = torch.tensor(starts, device=device)
+    line = (torch.arange(size, device=device)[None] >= pos[:, None]) & (
+        torch.arange(size, device=device)[None] < pos[:, None] + patch)  # [n, size]
+    return (line[:, None, :, None] & line[None, :, None, :]).flatten(0, 1).float()
+
+
+def occlusion(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, patch: int = 32, stride: int = 16,
+              baseline: float = 0.0, chunk: int = 32) -> torch.Tensor:
+    """Drop of the target's probability when a `patch` square is set to `baseline` (in
+    normalised units: 0 is the mean colour, grey here), averaged over the occluders that
+    cover each pixel. Every (image, occluder) pair is one row of a batched forward pass."""
+    H = x.shape[-1]
+    masks = occluder_masks(H, patch, stride, x.device)
+    P, B = len(masks), len(x)
+    with torch.inference_mode():
+        logits, _ = run_model(model, x)
+        base_p = logits.softmax(1).gather(1, targets[:, None])[:, 0]
+        drops = torch.empty(B * P, device=x.device)
+        for sl in _chunks(B * P, chunk):
+            idx = torch.arange(sl.start, sl.stop, device=x.device)
+            b, p = idx // P, idx % P
+            m = masks[p][:, None]
+            occluded = x[b] * (1 - m) + baseline * m
+            out, _ = run_model(model, occluded)
+            drops[sl] = base_p[b] - out.softmax(1).gather(1, targets[b][:, None])[:, 0]
+    heat = torch.einsum("bp,phw->bhw", drops.view(B, P), masks)
+    return heat / masks.sum(0).clamp(min=1)
+
+
+# ---- dispatch ---------------------------------------------------------------------------
+def explain(method: str, model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, chunk: int = 32,
+            **params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One method's maps [B, H, W] and its per-image extras (IG: completeness error)."""
+    if method == "integrated_gradients":
+        attr, error = integrated_gradients(model, x, targets, chunk=chunk, **params)
+        return attr.sum(1), {"completeness_error": error}
+    fns = {"saliency": saliency, "guided_backprop": guided_backprop, "gradcam": gradcam,
+           "guided_gradcam": guided_gradcam, "cam": cam, "occlusion": occlusion, "smoothgrad": smoothgrad}
+    if method not in fns:
+        raise InputError(f"unknown explanation method {method!r}; choose from {', '.join(METHODS)}")
+    return fns[method](model, x, targets, chunk=chunk, **params), {}
+
+
+def parse_methods(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Comma-separated method names -> list, checked, duplicates dropped."""
+    names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise InputError(f"unknown explanation method(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
