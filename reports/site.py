@@ -26,9 +26,12 @@ What a builder can use on `site` (all paths are relative to the report folder, '
     site.image(uint8 array, rel, max_side=None) -> rel      PNG / JPEG / WebP by extension
     site.thumbnail(uint8 array, rel, max_side=128) -> rel   a small WebP (rel ends in .webp)
     site.dataset_thumbnail(index, max_side=128) -> rel | None
-                                       a square thumbnail of dataset image `index` (manifest
-                                       row), made once per report and shared by every
-                                       section; None when the source file is unreadable
+    site.dataset_thumbnails(indices, max_side=128) -> [rel | None]
+                                       square thumbnails of dataset images (manifest rows),
+                                       from the store's /thumbs (the centre crop the model
+                                       saw; at most its side) or else the data folder; made
+                                       once per report, named by content hash, shared by
+                                       every section; None for a skipped/unreadable image
     site.figure(matplotlib figure, rel) -> rel              a PNG plot
     {% from "_macros.html" import thumb %}{{ thumb(root, rel, alt, size) }}
                                        an <img loading="lazy"> with width/height set (rel None:
@@ -204,16 +207,22 @@ class Site:
 
     def dataset_thumbnail(self, index: int, max_side: int = 128) -> str | None:
         """Square thumbnail of manifest row `index`, named by content hash (shared, made once)."""
-        key = (int(index), int(max_side))
-        if key not in self._thumbs:
-            self._thumbs[key] = self._make_dataset_thumbnail(*key)
-        return self._thumbs[key]
+        return self.dataset_thumbnails([index], max_side)[0]
 
     def dataset_thumbnails(self, indices: Sequence[int], max_side: int = 128) -> list[str | None]:
-        """`dataset_thumbnail` for many images, decoded in a small thread pool."""
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="thumb") as pool:
-            return list(pool.map(lambda i: self.dataset_thumbnail(i, max_side), indices))
-
+        """Thumbnails of many dataset images: from the store's `/thumbs` when the forward pass
+        wrote them (the report needs the store alone), else decoded from the data folder."""
+        indices = [int(i) for i in indices]
+        todo = sorted({i for i in indices if (i, max_side) not in self._thumbs})
+        if todo:
+            stored = self._stored_thumbs()
+            if stored is not None:
+                made = self._thumbs_from_store(stored, todo, max_side)
+            else:
+                with ThreadPoolExecutor(max_workers=4, thread_name_prefix="thumb") as pool:
+                    made = list(pool.map(lambda i: self._thumb_from_file(i, max_side), todo))
+            self._thumbs.update({(i, max_side): rel for i, rel in zip(todo, made)})
+        return [self._thumbs[(i, max_side)] for i in indices]
     def figure(self, fig, rel: str) -> str:
         """Save a matplotlib figure as PNG under the site."""
         import matplotlib.pyplot as plt
@@ -253,16 +262,39 @@ class Site:
                 return Path(data)
         return None
 
-    def _make_dataset_thumbnail(self, index: int, max_side: int) -> str | None:
-        root = self.data_root()
+    def _stored_thumbs(self):
+        """The store's `/thumbs` array [N, S, S, 3] when it covers the manifest, else None."""
+        if self.store.has("thumbs"):
+            arr = self.store.array("thumbs")
+            if arr.ndim == 4 and arr.shape[0] == len(self.manifest):
+                return arr
+        return None
+
+    def _thumb_rel(self, index: int, side: int) -> str | None:
         row = self.manifest.iloc[index]
-        if root is None or row["status"] != "ok":
+        return f"thumbs/{side}/{str(row['sha256'])[:24]}.webp" if row["status"] == "ok" else None
+
+    def _thumbs_from_store(self, arr, indices: list[int], max_side: int) -> list[str | None]:
+        side = min(max_side, arr.shape[1])
+        out: list[str | None] = []
+        for start in range(0, len(indices), 512):  # bounded memory: 512 x 64 x 64 x 3 bytes at a time
+            chunk = indices[start:start + 512]
+            pixels = arr.get_orthogonal_selection((chunk,))
+            for i, px in zip(chunk, pixels):
+                rel = self._thumb_rel(i, side)
+                if rel is not None and not (self.out / rel).exists():
+                    self._save(Image.fromarray(px), rel, side, quality=80)
+                out.append(rel)
+        return out
+
+    def _thumb_from_file(self, index: int, max_side: int) -> str | None:
+        root, rel = self.data_root(), self._thumb_rel(index, max_side)
+        if root is None or rel is None:
             return None
-        rel = f"thumbs/{max_side}/{str(row['sha256'])[:24]}.webp"
         if (self.out / rel).exists():
             return rel
         try:
-            with Image.open(root / row["path"]) as img:
+            with Image.open(root / self.manifest.iloc[index]["path"]) as img:
                 img.draft("RGB", (max_side * 2, max_side * 2))  # JPEG: decode at a reduced scale
                 img = ImageOps.exif_transpose(img).convert("RGBA").convert("RGB")
                 img = ImageOps.fit(img, (max_side, max_side), Image.LANCZOS)
