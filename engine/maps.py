@@ -1,0 +1,149 @@
+"""2-D maps of a feature space: PCA, t-SNE (openTSNE on a FAISS kNN graph), placing new points
+on a map, trustworthiness, and snapping a map to an image grid (Karpathy's t-SNE grids).
+
+openTSNE builds its affinities from a kNN index; `FaissKNN` hands it the graph FAISS already
+computed, and answers queries for new points from the same FAISS index, so the map scales
+with the index (exact, IVF or HNSW) rather than with openTSNE's own neighbour search.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+from openTSNE import TSNE, TSNEEmbedding, affinity, initialization
+from openTSNE.nearest_neighbors import KNNIndex
+
+from engine.faiss_index import search
+
+MIN_MAP_POINTS = 5  # t-SNE and trustworthiness need a few points to mean anything
+
+
+class FaissKNN(KNNIndex):
+    """openTSNE's kNN-index interface over a FAISS index (and its precomputed graph)."""
+
+    VALID_METRICS = ["euclidean"]
+
+    def __init__(self, index, metric: str, graph: tuple[np.ndarray, np.ndarray] | None = None):
+        # KNNIndex.__init__ wants the raw data; FAISS already holds it
+        self.index = index
+        self.faiss_metric = metric
+        self.graph = graph
+        self.n_samples = int(index.ntotal)
+        self.k = int(graph[0].shape[1]) if graph is not None else 0
+        self.metric = "euclidean"
+        self.n_jobs = 1
+        self.verbose = False
+
+    def build(self):
+        if self.graph is None:
+            raise RuntimeError("FaissKNN was made for queries only (no graph)")
+        return self.graph
+
+    def query(self, query, k):
+        return search(self.index, np.asarray(query, dtype=np.float32), k, self.faiss_metric)
+
+
+class MapReference(affinity.PerplexityBasedNN):
+    """Affinities of new points to an existing map, without recomputing the map's own P.
+
+    `TSNEEmbedding.transform` only calls `to_new` (which queries the FAISS index), so a
+    saved map plus its saved index are enough to place new images on it.
+    """
+
+    def __init__(self, knn: FaissKNN, perplexity: float = 30.0, n_jobs: int = 1):
+        self.P = sparse.csr_matrix((knn.n_samples, knn.n_samples))  # empty: the map is already fit
+        self.knn_index = knn
+        self.perplexity = perplexity
+        self.effective_perplexity_ = perplexity
+        self.symmetrize = True
+        self.n_jobs = n_jobs
+        self.verbose = False
+        self.knn_kwargs = None
+
+
+def pca_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, list[float]]:
+    """First two principal components (deterministic signs) and their explained variance ratios."""
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=2, random_state=seed)
+    xy = pca.fit_transform(np.asarray(x, dtype=np.float32))
+    return xy.astype(np.float32), [float(v) for v in pca.explained_variance_ratio_]
+
+
+def tsne_perplexity(n: int, perplexity: float) -> float:
+    """openTSNE needs 3 * perplexity neighbours: shrink the perplexity on small datasets."""
+    return float(max(1.0, min(perplexity, (n - 1) / 3.0)))
+
+
+def tsne_neighbours(n: int, perplexity: float) -> int:
+    """How many neighbours per point the t-SNE affinities use (3 * perplexity)."""
+    return int(min(n - 1, int(3 * tsne_perplexity(n, perplexity))))
+
+
+def tsne_map(index, graph: tuple[np.ndarray, np.ndarray], metric: str, init_xy: np.ndarray,
+             perplexity: float = 30.0, seed: int = 0, n_jobs: int = 1) -> np.ndarray:
+    """openTSNE on the given kNN graph (>= 3 * perplexity neighbours per point), PCA-initialised."""
+    n = len(init_xy)
+    perp = tsne_perplexity(n, perplexity)
+    k = tsne_neighbours(n, perplexity)
+    ids, dist = graph
+    knn = FaissKNN(index, metric, (np.ascontiguousarray(ids[:, :k]), np.ascontiguousarray(dist[:, :k], dtype=np.float64)))
+    aff = affinity.PerplexityBasedNN(knn_index=knn, perplexity=perp, n_jobs=n_jobs, random_state=seed)
+    init = initialization.rescale(np.asarray(init_xy, dtype=np.float64))
+    emb = TSNE(n_jobs=n_jobs, random_state=seed).fit(affinities=aff, initialization=init)
+    return np.asarray(emb, dtype=np.float32)
+
+
+def place_on_map(map_xy: np.ndarray, index, metric: str, new_vectors: np.ndarray,
+                 perplexity: float = 5.0, seed: int = 0) -> np.ndarray:
+    """Positions of new (prepared) vectors on an existing t-SNE map (openTSNE `transform`)."""
+    map_xy = np.asarray(map_xy, dtype=np.float64)
+    centre = (map_xy.max(axis=0) + map_xy.min(axis=0)) / 2  # transform re-centres the map in place
+    reference = TSNEEmbedding(map_xy - centre, MapReference(FaissKNN(index, metric), perplexity),
+                              random_state=seed)
+    perp = float(min(perplexity, max(1.0, (len(map_xy) - 1) / 3.0)))
+    placed = reference.transform(np.asarray(new_vectors, dtype=np.float32), perplexity=perp)
+    return (np.asarray(placed) + centre).astype(np.float32)
+
+
+def trustworthiness(x: np.ndarray, xy: np.ndarray, k: int = 10, sample: int = 5000, seed: int = 0) -> float | None:
+    """How well a map keeps high-dimensional neighbourhoods (sklearn), on up to `sample` points."""
+    from sklearn.manifold import trustworthiness as sk_trust
+
+    n = len(x)
+    if n < MIN_MAP_POINTS:
+        return None
+    rows = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    k = int(min(k, (len(rows) + 1) // 2 - 1))
+    return float(sk_trust(np.asarray(x[rows], np.float32), np.asarray(xy[rows], np.float32), n_neighbors=k))
+
+
+def grid_shape(m: int) -> tuple[int, int]:
+    cols = int(np.ceil(np.sqrt(m)))
+    return int(np.ceil(m / cols)), cols
+
+
+def grid_assignment(xy: np.ndarray, max_cells: int = 1600, seed: int = 0) -> np.ndarray:
+    """Snap map points to a grid: int [rows, cols] of point positions (-1 = empty cell).
+
+    Up to `max_cells` points (a seeded sample beyond) go to a near-square grid by an optimal
+    linear assignment of points to cells (squared distance, map normalised to the unit
+    square); row 0 is the top of the map (largest y), as in the scatter plot.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    n = len(xy)
+    if n == 0:
+        return np.full((0, 0), -1, np.int64)
+    pts = np.arange(n) if n <= max_cells else np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
+    p = np.asarray(xy, np.float64)[pts]
+    lo, span = p.min(axis=0), np.ptp(p, axis=0)
+    p = (p - lo) / np.where(span > 0, span, 1.0)
+    rows, cols = grid_shape(len(pts))
+    gy, gx = np.meshgrid((np.arange(rows) + 0.5) / rows, (np.arange(cols) + 0.5) / cols, indexing="ij")
+    cells = np.stack([gx.ravel(), 1.0 - gy.ravel()], axis=1)
+    cost = ((p[:, None, :] - cells[None, :, :]) ** 2).sum(axis=2)
+    point, cell = linear_sum_assignment(cost)
+    grid = np.full(rows * cols, -1, np.int64)
+    grid[cell] = pts[point]
+    return grid.reshape(rows, cols)
