@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.common import RunOptions, resolve_paths
+from flows.embed import run_embed
 from flows.predict import run_predict
 from flows.report import publish_report
 from storage.store import Store
@@ -26,5 +27,6 @@ def demo_flow(opts: RunOptions) -> dict:
     store = Store(opts.store)
     with store.lock():
         table = run_predict(opts, store)
+        run_embed(opts, store)
         report = publish_report(opts.store, opts.report)
     return {"store": opts.store, "report": str(report), "images": len(table)}
