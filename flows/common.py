@@ -35,6 +35,7 @@ class RunOptions(BaseModel):
     store: str | None = None
     report: str | None = None
     runner: str = "threads"
+    workers: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
     limit: int | None = Field(None, ge=1)
     device: str = "cpu"
@@ -124,15 +125,18 @@ def map_shards(
     Prefect's state or cache, so a rerun after a crash or a killed worker submits only
     the missing shards and a finished shard's result is read back from its marker.
     """
+    from flows.runners import model_task_annotations
+
     results: dict[int, dict] = {}
     futures = {}
-    for shard, fp in zip(shards, fingerprints):
-        done = store.shard_done(job, shard.id, fp)
-        if done is not None:
-            results[shard.id] = done
-        else:
-            futures[shard.id] = shard_task.with_options(task_run_name=f"{job}-shard-{shard.id}").submit(
-                **kwargs_for(shard), fp=fp)
+    with model_task_annotations():
+        for shard, fp in zip(shards, fingerprints):
+            done = store.shard_done(job, shard.id, fp)
+            if done is not None:
+                results[shard.id] = done
+            else:
+                futures[shard.id] = shard_task.with_options(task_run_name=f"{job}-shard-{shard.id}").submit(
+                    **kwargs_for(shard), fp=fp)
     with progress_bar(len(shards), job, progress) as bar:
         if bar is not None:
             bar.update(len(results))

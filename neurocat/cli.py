@@ -49,7 +49,9 @@ def add_common_options(p: argparse.ArgumentParser, data_required: bool = True) -
     g.add_argument("--weights", help="local state_dict file (torch.load weights_only=True)")
     g.add_argument("--store", help="zarr store path (default runs/<run-id>.zarr)")
     g.add_argument("--report", help="report folder (default <store>-report)")
-    g.add_argument("--runner", default="threads", help="threads | dask | tcp://host:port")
+    g.add_argument("--runner", default="threads", help="threads | dask | dask-cuda | tcp://host:port")
+    g.add_argument("--cluster", help="cluster profile YAML (address or cluster_class; overrides --runner)")
+    g.add_argument("--workers", type=int, help="Dask workers for --runner dask (default 1)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--shard-size", type=int, default=256, help="images per shard task")
     g.add_argument("--limit", type=int, help="use only the first N files")
@@ -64,14 +66,18 @@ def run_options(args, **overrides):
     data = getattr(args, "data", None)
     if data is not None and not os.path.isdir(data):
         raise InputError(f"data folder not found: {data}")
-    if args.batch_size < 1 or args.shard_size < 1 or (args.limit is not None and args.limit < 1):
-        raise InputError("--batch-size, --shard-size and --limit must be positive")
+    if args.batch_size < 1 or args.shard_size < 1 or any(v is not None and v < 1 for v in (args.limit, args.workers)):
+        raise InputError("--batch-size, --shard-size, --limit and --workers must be positive")
+    if args.cluster:
+        from flows.runners import load_profile
+
+        load_profile(args.cluster)
     from engine.models import load_model
 
     load_model(args.model, args.weights, args.device)  # fail fast on a bad model or weights file
     progress = sys.stderr.isatty() and not args.json
     return RunOptions(data=data, model=args.model, weights=args.weights, store=args.store, report=args.report,
-                      runner=args.runner, batch_size=args.batch_size, limit=args.limit, device=args.device,
+                      runner=args.cluster or args.runner, workers=args.workers, batch_size=args.batch_size, limit=args.limit, device=args.device,
                       shard_size=args.shard_size, progress=progress, **overrides)
 
 
@@ -79,7 +85,7 @@ def with_runner(flow_fn, opts):
     """The flow with the task runner `--runner` names."""
     from flows.runners import task_runner
 
-    return flow_fn.with_options(task_runner=task_runner(opts.runner))
+    return flow_fn.with_options(task_runner=task_runner(opts.runner, opts.workers))
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,6 +32,8 @@ import pandas as pd
 import zarr
 
 zarr.config.set({"async.concurrency": 8})
+# the manifest, markers and lock live inside the store folder on purpose (one folder per run)
+warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
 
 MANIFEST_COLUMNS = ["path", "sha256", "label", "split", "status", "reason"]
 
