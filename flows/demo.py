@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.catalog import run_catalog
 from flows.common import RunOptions, resolve_paths
 from flows.embed import run_embed
 from flows.predict import run_predict
@@ -28,5 +29,6 @@ def demo_flow(opts: RunOptions) -> dict:
     with store.lock():
         table = run_predict(opts, store)
         run_embed(opts, store)
+        run_catalog(opts, store, top_k=8, bottom_k=4, featvis_n=2, projections=16)
         report = publish_report(opts.store, opts.report)
     return {"store": opts.store, "report": str(report), "images": len(table)}

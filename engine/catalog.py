@@ -1,0 +1,246 @@
+"""Pure helpers of the neuron catalogue: patches, projections, overlays, filter grids, selectivity.
+
+Patches are the receptive-field box of a unit's argmax position, cropped from the
+preprocessed image and squared by padding on the side(s) where the box left the image (so a
+border patch keeps its scale and shape and shows where the image ended), then resampled to
+one size per layer. Cropping and resampling of many patches is one `roi_align` call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from engine.backprop_rules import relu_backward_rule
+from engine.hooks import capture
+from engine.inference import run_model
+from engine.models import LoadedModel
+from engine.receptive_field import RF
+from engine.topk import EDGES, QUANTILE_LEVELS, ChannelStats
+
+PAD_GREY = 128.0  # fill of the part of a patch outside the image
+
+
+def activation_shapes(model: LoadedModel, layers: list[str]) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of each layer's output for one preprocessed image ([B, C] outputs give H = W = 1)."""
+    size = model.preprocessing.crop
+    _, acts = run_model(model, torch.zeros(1, 3, size, size, device=model.device), layers)
+    return {layer: tuple(a.shape[1:]) + (1,) * (4 - a.dim()) for layer, a in acts.items()}
+
+
+def patch_size(rf: RF, crop: int, smallest: int = 32, largest: int = 96) -> int:
+    """The side every patch of a layer is resampled to: its RF size, kept within [smallest, largest]."""
+    side = crop if rf.is_global else min(max(rf.size), crop)
+    return int(np.clip(side, smallest, largest))
+
+
+def square_boxes(rf: RF, spatial: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """float [H', W', 4] (y0, x0, y1, x1) for every output position of a layer of shape `spatial`.
+
+    Every box of a layer is a square of side min(RF size, image size): `rf.box` (clipped to
+    the image), grown again on the side(s) where it was clipped. The grown part lies outside
+    the image and is filled grey by `crop_boxes`, so all patches of a layer share one scale.
+    """
+    h_out, w_out = spatial
+    side = max(height, width) if rf.is_global else min(max(rf.size), max(height, width))
+    boxes = np.zeros((h_out, w_out, 4), np.float64)
+    for y in range(h_out):  # H'·W' positions: a table, not a per-image loop
+        for x in range(w_out):
+            y0, x0, y1, x1 = rf.box(y, x, height, width)
+            boxes[y, x] = (*_grow(y0, y1, side, rf.start[0] + y * rf.stride[0] < y0),
+                           *_grow(x0, x1, side, rf.start[1] + x * rf.stride[1] < x0))
+    return boxes[..., [0, 2, 1, 3]]
+
+
+def _grow(lo: int, hi: int, side: int, clipped_at_start: bool) -> tuple[int, int]:
+    """[lo, hi) grown to length `side`: backwards if the box was clipped at its start, else forwards."""
+    return (hi - side, hi) if clipped_at_start else (lo, lo + side)
+
+
+def crop_boxes(images: torch.Tensor, rows: np.ndarray, boxes: np.ndarray, size: int,
+               fill: float = PAD_GREY) -> torch.Tensor:
+    """Crop boxes (y0, x0, y1, x1) [M, 4] from images[rows] ([N, C, H, W] float) to [M, C, size, size].
+
+    Pixels outside the image are `fill`. Bilinear sampling at pixel centres (`aligned=True`),
+    averaging ceil(box / size) samples per output pixel, so a box of `size` pixels is copied exactly.
+    """
+    if len(rows) == 0:
+        return images.new_zeros((0, images.shape[1], size, size))
+    h, w = images.shape[-2:]
+    margin = int(np.ceil(max(0.0, -boxes[:, 0].min(), -boxes[:, 1].min(), boxes[:, 2].max() - h,
+                              boxes[:, 3].max() - w)))
+    if margin:
+        images = F.pad(images, (margin, margin, margin, margin), value=fill)
+    rois = torch.tensor(np.column_stack([rows, boxes[:, 1] + margin, boxes[:, 0] + margin,
+                                         boxes[:, 3] + margin, boxes[:, 2] + margin]), dtype=images.dtype)
+    return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def to_uint8_hwc(x: torch.Tensor) -> np.ndarray:
+    """float [M, 3, H, W] in 0..255 -> uint8 [M, H, W, 3]."""
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def extract_patches(images: np.ndarray, rows: np.ndarray, yx: np.ndarray, boxes: np.ndarray,
+                    size: int) -> np.ndarray:
+    """uint8 patches [M, size, size, 3] of units at positions yx [M, 2] in images[rows] (uint8 [N, H, W, 3])."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return to_uint8_hwc(crop_boxes(x, rows, boxes[yx[:, 0], yx[:, 1]], size))
+
+
+def project_units(model: LoadedModel, layer: str, images: np.ndarray, channels: np.ndarray, yx: np.ndarray,
+                  boxes: np.ndarray, size: int, rule: str = "guided") -> np.ndarray:
+    """Guided-backprop (or deconvnet) projection of unit (channel, y, x) of each image, cropped to its RF box.
+
+    Row b of `images` (uint8 [B, H, W, 3]) is projected for channels[b] at yx[b]: the gradient
+    of that one activation w.r.t. the input with the rule's ReLU backward, shown as grey (0)
+    with the signed gradient scaled by its 99th percentile magnitude in the box. uint8 [B, size, size, 3].
+    """
+    if len(images) == 0:
+        return np.zeros((0, size, size, 3), np.uint8)
+    name = model.resolve(layer)
+    x = model.preprocessing.normalize(torch.from_numpy(np.ascontiguousarray(images))).to(model.device)
+    x.requires_grad_(True)
+    with model.lock, torch.enable_grad(), relu_backward_rule(model.module, rule), \
+            capture(model.module, [name], detach=False) as acts:
+        model.module(x)
+        out = acts[name]
+        flat = torch.as_tensor(yx[:, 0] * out.shape[-1] + yx[:, 1])
+        out = out.reshape(out.shape[0], out.shape[1], -1)
+        rows = torch.arange(len(images))
+        grad, = torch.autograd.grad(out[rows, torch.as_tensor(channels), flat].sum(), x)
+    crops = crop_boxes(grad.detach().float().cpu(), np.arange(len(images)), boxes[yx[:, 0], yx[:, 1]], size,
+                       fill=0.0)
+    scale = torch.quantile(crops.abs().flatten(1), 0.99, dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+    return to_uint8_hwc((0.5 + 0.5 * (crops / scale).clamp(-1, 1)) * 255)
+
+
+def overlays(images: np.ndarray, rows: np.ndarray, maps: np.ndarray, size: int, alpha: float = 0.55) -> np.ndarray:
+    """images[rows] (uint8 [N, H, W, 3]) with activation maps [M, h, w] as heat maps: uint8 [M, size, size, 3].
+
+    Each map shows its positive part divided by its own maximum (a map never above 0 shows
+    nothing), upsampled bilinearly and coloured with `inferno`.
+    """
+    if len(rows) == 0:
+        return np.zeros((0, size, size, 3), np.uint8)
+    heat = torch.from_numpy(np.asarray(maps, np.float32))[:, None]
+    heat = F.interpolate(heat, size=(size, size), mode="bilinear", align_corners=False)[:, 0].clamp(min=0)
+    peak = heat.flatten(1).max(dim=1).values.view(-1, 1, 1)
+    level = torch.where(peak > 0, heat / peak.clamp(min=1e-12), torch.zeros_like(heat))
+    colour = _inferno_lut()[(level * 255).round().long()]  # [M, size, size, 3]
+    img = torch.from_numpy(np.ascontiguousarray(images[rows])).permute(0, 3, 1, 2).float()
+    img = F.interpolate(img, size=(size, size), mode="area").permute(0, 2, 3, 1)
+    return ((1 - alpha) * img + alpha * colour).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+@functools.cache
+def _inferno_lut() -> torch.Tensor:
+    """float [256, 3] in 0..255: matplotlib's `inferno` colour map as a lookup table."""
+    from matplotlib import colormaps
+
+    return torch.from_numpy(colormaps["inferno"](np.arange(256))[:, :3] * 255.0).float()
+
+
+def filter_grid(weight: torch.Tensor | np.ndarray, cell: int = 28, gap: int = 2) -> np.ndarray:
+    """First-layer filters [O, I, kh, kw] as a uint8 RGB grid, each filter min-max normalised on its own.
+
+    Three input channels are shown as colour, any other number as their mean in grey.
+    """
+    w = np.asarray(weight.detach().cpu() if isinstance(weight, torch.Tensor) else weight, np.float32)
+    o, i, kh, kw = w.shape
+    w = w if i == 3 else np.repeat(w.mean(1, keepdims=True), 3, 1)
+    lo = w.reshape(o, -1).min(1)[:, None, None, None]
+    hi = w.reshape(o, -1).max(1)[:, None, None, None]
+    w = (w - lo) / np.maximum(hi - lo, 1e-12)
+    scale = max(1, cell // max(kh, kw))
+    tiles = np.repeat(np.repeat(w.transpose(0, 2, 3, 1), scale, 1), scale, 2)  # [O, kh*s, kw*s, 3]
+    cols = int(np.ceil(np.sqrt(o)))
+    rows = int(np.ceil(o / cols))
+    th, tw = tiles.shape[1:3]
+    grid = np.full((rows * (th + gap) + gap, cols * (tw + gap) + gap, 3), 1.0, np.float32)
+    for n in range(o):
+        r, c = divmod(n, cols)
+        grid[gap + r * (th + gap):gap + r * (th + gap) + th, gap + c * (tw + gap):gap + c * (tw + gap) + tw] = tiles[n]
+    return (grid * 255).round().astype(np.uint8)
+
+
+def class_selectivity(class_means: np.ndarray) -> np.ndarray:
+    """Morcos et al. (2018) class selectivity index per unit, [C] in [0, 1].
+
+    (mu_max - mu_rest) / (mu_max + mu_rest) over the classes that have images, where mu_max
+    is the largest class-conditional mean activity and mu_rest the mean of the others. The
+    index assumes non-negative (post-ReLU) activity, so class means are rectified first; a
+    unit that is never positive gets 0, and fewer than two classes give NaN.
+    """
+    present = ~np.isnan(class_means).all(axis=0)
+    means = np.clip(class_means[:, present], 0, None)
+    if means.shape[1] < 2:
+        return np.full(class_means.shape[0], np.nan)
+    top = means.max(axis=1)
+    rest = (means.sum(axis=1) - top) / (means.shape[1] - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(top + rest > 0, (top - rest) / (top + rest), 0.0)
+
+
+def top_classes(top_index: np.ndarray, labels: np.ndarray, n: int = 3) -> list[list[tuple[str, int]]]:
+    """Per unit, the `n` most frequent labels among its top-K images, with counts (ties by name)."""
+    out = []
+    for row in top_index:
+        found = labels[row[row >= 0]]
+        found = found[np.array([x is not None for x in found], bool)] if len(found) else found
+        names, counts = np.unique(found.astype(str), return_counts=True) if len(found) else ([], [])
+        order = sorted(zip(names, counts), key=lambda t: (-t[1], t[0]))[:n]
+        out.append([(str(a), int(b)) for a, b in order])
+    return out
+
+
+def dead_units(max_score: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """Units that never fire on the dataset: score never above 0 (their feature visualisation is blank)."""
+    return (max_score <= 0) | (rate == 0)
+
+
+def catalog_arrays(state: ChannelStats) -> dict[str, tuple[np.ndarray, dict]]:
+    """The store arrays of one layer's reduced state, {path under catalog/<layer>/: (array, attrs)}."""
+    std, rate = state.std, state.rate
+    selectivity = class_selectivity(state.class_means())
+    return {
+        "top_value": (state.top_value, {"what": "score (spatial max), best first; -inf: fewer images than K"}),
+        "top_index": (state.top_index, {"what": "image index (manifest row); -1: empty slot"}),
+        "top_yx": (state.top_yx, {"what": "argmax position (y, x) in the layer's output"}),
+        "bottom_value": (state.bottom_value, {"what": "score, lowest first; +inf: empty slot"}),
+        "bottom_index": (state.bottom_index, {"what": "image index; -1: empty slot"}),
+        "bottom_yx": (state.bottom_yx, {"what": "argmax position (y, x)"}),
+        "top1_map": (state.top1_map.astype(np.float16), {"what": "activation map of each unit's top-1 image"}),
+        "stats/mean": (state.mean.astype(np.float32), {"what": "mean score"}),
+        "stats/std": (std.astype(np.float32), {"what": "standard deviation of the score (population)"}),
+        "stats/min": (state.min, {"what": "lowest score"}),
+        "stats/max": (state.max, {"what": "highest score = highest activation"}),
+        "stats/rate": (rate.astype(np.float32), {"what": "firing rate: fraction of images with score > 0"}),
+        "stats/dead": (dead_units(state.max, rate), {"what": "never fires on this dataset (max <= 0)"}),
+        "stats/quantiles": (state.quantiles().astype(np.float32),
+                            {"levels": list(QUANTILE_LEVELS), "what": "score quantiles from the histogram"}),
+        "stats/hist": (state.hist, {"edges": EDGES.tolist(), "what": "score histogram; bin b: edges[b-1] <= v < edges[b]"}),
+        "stats/class_mean": (state.class_means().astype(np.float32), {"what": "mean score per class (NaN: no image)"}),
+        "stats/selectivity": (selectivity.astype(np.float32), {"what": "class selectivity index (Morcos et al. 2018)"}),
+    }
+
+
+def stats_summary(state: ChannelStats) -> dict:
+    """Attrs of `catalog/<layer>/stats`: counts, quantiles and class selectivity per unit."""
+    q = state.quantiles()
+    selectivity = class_selectivity(state.class_means())
+    return {"images": int(state.count), "score": "spatial max of the layer output per image",
+            "quantile_levels": list(QUANTILE_LEVELS),
+            "quantiles": [[_finite(v) for v in row] for row in np.round(q, 6)],
+            "class_selectivity": [_finite(v) for v in np.round(selectivity, 6)],
+            "class_selectivity_definition": "Morcos et al. 2018, (mu_max - mu_rest) / (mu_max + mu_rest) "
+                                            "on rectified class means of the score",
+            "dead_units": int(dead_units(state.max, state.rate).sum())}
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None

@@ -1,0 +1,180 @@
+"""Catalogue section: a neuron atlas.
+
+catalog.html                           layers, first-layer filters
+catalog/<layer>/units-<order>-<n>.html unit index, paged, one page set per sort order (no scripts)
+catalog/<layer>/unit-<c>.html          one unit: top-K and bottom-K patches with image, class and
+                                       score, histogram, quantiles, top classes, feature
+                                       visualisation, projection and activation-map overlay
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from engine.catalog import top_classes
+from engine.models import imagenet_classes
+from reports.site import Section, SectionSkipped, Site
+
+PER_PAGE = 100
+UNIT_BLOCK = 64  # units whose images are read from the store at once
+UNIT_IMAGES = ("top_patch", "bottom_patch", "overlay", "projection", "featvis")
+ORDERS = {"unit": "unit", "selectivity": "class selectivity (high first)", "rate": "firing rate (high first)"}
+HIST_BARS = 48
+
+
+def _slug(layer: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", layer)
+
+
+def _class_name(label) -> str:
+    classes = imagenet_classes()
+    if label is None or (isinstance(label, float) and np.isnan(label)):
+        return ""
+    return classes.names[classes.index_of[label]] if label in classes.index_of else str(label)
+
+
+def _histogram_bars(hist: np.ndarray, edges: np.ndarray) -> dict | None:
+    """The occupied range of a log-bin histogram as at most HIST_BARS bars (heights 0..1)."""
+    nz = np.flatnonzero(hist)
+    if not len(nz):
+        return None
+    lo, hi = nz[0], nz[-1] + 1
+    groups = np.array_split(np.arange(lo, hi), min(HIST_BARS, hi - lo))
+    counts = np.array([hist[g].sum() for g in groups], np.float64)
+    bound = np.concatenate([[-np.inf], edges, [np.inf]])
+    return {"heights": (counts / counts.max()).round(4).tolist(), "counts": counts.astype(int).tolist(),
+            "lo": float(bound[lo]), "hi": float(bound[hi])}
+
+
+class _Layer:
+    """Everything the pages of one catalogued layer need, read once from the store."""
+
+    def __init__(self, site: Site, layer: str):
+        s, base = site.store, f"catalog/{layer}"
+        self.layer, self.slug, self.base = layer, _slug(layer), base
+        self.attrs = s.attrs(f"{base}/stats")
+        read = lambda name: s.read(f"{base}/{name}")  # noqa: E731
+        self.stats = {k: read(f"stats/{k}") for k in ("mean", "std", "min", "max", "rate", "dead", "selectivity",
+                                                       "quantiles", "hist", "class_mean")}
+        self.edges = np.asarray(s.attrs(f"{base}/stats/hist")["edges"])
+        self.levels = s.attrs(f"{base}/stats/quantiles")["levels"]
+        self.lists = {w: (read(f"{w}_value"), read(f"{w}_index")) for w in ("top", "bottom")}
+        self.units = len(self.stats["mean"])
+        self.images = {name: s.array(f"{base}/{name}") for name in UNIT_IMAGES if s.has(f"{base}/{name}")}
+        self.featvis_dead = set(s.attrs(f"{base}/featvis").get("dead_units", [])) if "featvis" in self.images else set()
+
+    def unit_images(self, c0: int, c1: int) -> dict[str, np.ndarray]:
+        """Patches, overlays, projections and feature visualisations of units [c0, c1), one read each."""
+        return {name: arr[c0:min(c1, arr.shape[0])] for name, arr in self.images.items()}
+
+
+def _unit_rows(site: Site, L: _Layer, labels: np.ndarray) -> list[dict]:
+    """One row per unit for the index pages (writes each unit's top-1 patch thumbnail)."""
+    st = L.stats
+    tops = top_classes(L.lists["top"][1], labels, n=1)
+    rows = []
+    for c in range(L.units):
+        has_top = L.lists["top"][1][c, 0] >= 0
+        thumb = f"catalog/{L.slug}/u{c}-top0.webp" if has_top else None  # written with the unit's page
+        rows.append({"unit": c, "href": f"unit-{c}.html", "thumb": thumb, "dead": bool(st["dead"][c]),
+                     "selectivity": float(st["selectivity"][c]), "rate": float(st["rate"][c]),
+                     "mean": float(st["mean"][c]), "max": float(st["max"][c]),
+                     "top_class": _class_name(tops[c][0][0]) if tops[c] else "",
+                     "top_class_count": tops[c][0][1] if tops[c] else 0})
+    return rows
+
+
+def _sorted(rows: list[dict], order: str) -> list[dict]:
+    if order == "unit":
+        return rows
+    key = (lambda r: (-(r[order] if np.isfinite(r[order]) else -np.inf), r["unit"]))
+    return sorted(rows, key=key)
+
+
+def _unit_page(site: Site, L: _Layer, c: int, images: dict[str, np.ndarray], row: dict, manifest,
+               labels: np.ndarray, tops) -> None:
+    """Unit c's page; `images` are its rows of the layer's image arrays."""
+    st = L.stats
+    lists = {}
+
+    def picture(name: str, rel: str) -> str | None:
+        return site.thumbnail(images[name], f"catalog/{L.slug}/{rel}", max_side=256) if name in images else None
+
+    for which in ("top", "bottom"):
+        values, index = L.lists[which]
+        patches = images[f"{which}_patch"]
+        items = []
+        for k, (v, i) in enumerate(zip(values[c], index[c])):
+            if i < 0:
+                continue
+            items.append({"img": site.thumbnail(patches[k], f"catalog/{L.slug}/u{c}-{which}{k}.webp"),
+                          "path": manifest["path"].iloc[i], "label": _class_name(labels[i]), "score": float(v),
+                          "rank": k + 1})
+        lists[which] = items
+    class_mean = st["class_mean"][c]
+    known = np.flatnonzero(~np.isnan(class_mean))
+    best = known[np.argsort(-class_mean[known], kind="stable")[:5]]
+    classes = imagenet_classes()
+    facts = {"images": L.attrs.get("images"), "mean score": f"{st['mean'][c]:.4g}", "std": f"{st['std'][c]:.4g}",
+             "min / max": f"{st['min'][c]:.4g} / {st['max'][c]:.4g}", "firing rate": f"{st['rate'][c]:.3f}",
+             "class selectivity": f"{st['selectivity'][c]:.3f}" if np.isfinite(st["selectivity"][c]) else "–"}
+    featvis = None if c in L.featvis_dead else picture("featvis", f"u{c}-featvis.webp")
+    site.render(
+        "catalog_unit.html", f"catalog/{L.slug}/unit-{c}.html", title=f"{L.layer} unit {c}", layer=L.layer,
+        unit=c, units=L.units, row=row, facts=facts, lists=lists,
+        quantiles=list(zip(L.levels, st["quantiles"][c].tolist())),
+        hist=_histogram_bars(st["hist"][c], L.edges),
+        top_classes=[{"name": _class_name(w), "wnid": w, "count": n} for w, n in tops[c]],
+        class_means=[{"name": classes.names[k], "wnid": classes.wnids[k], "mean": float(class_mean[k])} for k in best],
+        overlay=picture("overlay", f"u{c}-overlay.webp") if lists["top"] else None,
+        projection=picture("projection", f"u{c}-projection.webp"),
+        projection_rule=site.store.attrs(f"{L.base}/projection").get("rule") if "projection" in L.images else None,
+        featvis=featvis, featvis_state=("dead" if c in L.featvis_dead or row["dead"] else
+                                        ("ok" if featvis else "not rendered")))
+
+
+def build(site: Site) -> Section | None:
+    store = site.store
+    if not store.has("catalog") or not store.groups("catalog"):
+        return None
+    manifest = site.manifest
+    labels = manifest["label"].to_numpy(dtype=object) if len(manifest) else np.zeros(0, object)
+    layers = [layer for layer in store.groups("catalog") if store.has(f"catalog/{layer}/stats/mean")]
+    if not layers:
+        raise SectionSkipped("the catalogue job did not finish")
+    cards = []
+    for layer in layers:
+        L = _Layer(site, layer)
+        rows = _unit_rows(site, L, labels)
+        tops = top_classes(L.lists["top"][1], labels, n=3)
+        for c0 in range(0, L.units, UNIT_BLOCK):
+            block = L.unit_images(c0, c0 + UNIT_BLOCK)
+            for c in range(c0, min(c0 + UNIT_BLOCK, L.units)):
+                images = {name: arr[c - c0] for name, arr in block.items() if c - c0 < len(arr)}
+                _unit_page(site, L, c, images, rows[c], manifest, labels, tops)
+        first = {}
+        for order, label in ORDERS.items():
+            pages = site.paginate(_sorted(rows, order), PER_PAGE, f"catalog/{L.slug}/units-{order}-{{page}}.html",
+                                  "catalog_units.html", title=f"{layer}: units by {label}", layer=layer,
+                                  order=order, orders=ORDERS, slug=L.slug)
+            first[order] = pages[0]
+        rate = L.stats["rate"]
+        cards.append({"layer": layer, "units": L.units, "images": L.attrs.get("images"),
+                      "dead": int(L.stats["dead"].sum()), "href": first["unit"], "orders": first,
+                      "rate": float(np.nanmean(rate)) if len(rate) else None,
+                      "selectivity": float(np.nanmean(L.stats["selectivity"])) if len(rate) else None,
+                      "top_k": L.lists["top"][1].shape[1], "bottom_k": L.lists["bottom"][1].shape[1],
+                      "featvis": L.images["featvis"].shape[0] if "featvis" in L.images else 0})
+    filters = None
+    if store.has("catalog/first_layer_filters"):
+        filters = {"img": site.image(store.read("catalog/first_layer_filters"), "catalog/first_layer_filters.png"),
+                   "layer": store.attrs("catalog/first_layer_filters").get("layer")}
+    job = store.attrs().get("jobs", {}).get("catalog", {})
+    site.render("catalog.html", "catalog/index.html", title="Neuron catalogue", cards=cards, filters=filters,
+                seconds=job.get("seconds", {}))
+    summary = ", ".join(f"{c['layer']}: {c['units']} units" for c in cards)
+    return Section("catalog", "Catalogue", "catalog/index.html", summary,
+                   {"layers": len(cards), "units": sum(c["units"] for c in cards),
+                    "dead units": sum(c["dead"] for c in cards)})

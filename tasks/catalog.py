@@ -1,0 +1,195 @@
+"""Tasks of `neurocat catalog`: the per-shard statistics pass, the tree reduce, the patch pass.
+
+Pass 1 (`catalog_shard`): forward every image of a shard once, fold each layer's output into
+its `ChannelStats`, save the state beside the shard marker (npz, no pickle), marker last.
+Reduce (`merge_catalog_states`): merge shard states pairwise, up a tree of tasks.
+Pass 2 (`catalog_patches`): for one block of channels of every layer, decode only the
+images on those channels' top/bottom lists, crop patches, overlays and projections.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+
+from engine.catalog import (catalog_arrays, extract_patches, filter_grid, overlays, project_units, square_boxes,
+                            stats_summary)
+from engine.images import iter_batches
+from engine.inference import run_model
+from engine.models import cached_model
+from engine.receptive_field import receptive_fields
+from engine.topk import ChannelStats, LayerStates, merge_states, states_from_arrays, states_to_arrays
+from storage.store import Store
+
+
+def _timed_batches(batches, seconds: dict):
+    """Iterate `batches`, adding the time spent waiting for each one to seconds["decode"]."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        seconds["decode"] += time.perf_counter() - t0
+        yield batch
+
+
+@task(name="catalog-shard", retries=2, retry_delay_seconds=1)
+def catalog_shard(store_path: str, job: str, shard: int, items: list[tuple[int, str]], labels: list[int],
+                  model: str, weights: str | None, device: str, batch_size: int,
+                  shapes: dict[str, tuple[int, int, int]], top_k: int, bottom_k: int, fp: str) -> dict:
+    """Statistics of one shard's images for every layer, saved as the shard's state."""
+    m = cached_model(model, weights, device)
+    states = {layer: ChannelStats.empty(c, (h, w), top_k, bottom_k, len(m.classes))
+              for layer, (c, h, w) in shapes.items()}
+    label_of = dict(zip((i for i, _ in items), labels))
+    seconds = defaultdict(float)
+    failed: list[tuple[int, str]] = []
+    for batch in _timed_batches(iter_batches(items, m.preprocessing, batch_size), seconds):
+        failed += batch.failed
+        if not len(batch.indices):
+            continue
+        t0 = time.perf_counter()
+        _, acts = run_model(m, batch.normalized(m.preprocessing, m.device), list(states))
+        t1 = time.perf_counter()
+        batch_labels = np.array([label_of[int(i)] for i in batch.indices], np.int64)
+        for layer, state in states.items():
+            state.add(acts[layer], batch.indices, batch_labels)
+        seconds["forward"] += t1 - t0
+        seconds["update"] += time.perf_counter() - t1
+    store = Store(store_path)
+    store.save_shard_arrays(job, shard, states_to_arrays(states))
+    result = {"failed": failed, "images": len(items) - len(failed),
+              "seconds": {k: round(v, 4) for k, v in seconds.items()}}
+    store.mark_shard_done(job, shard, fp, result)
+    return result
+
+
+@task(name="catalog-merge")
+def merge_catalog_states(store_path: str, job: str, parts: list) -> LayerStates:
+    """Merge shard states (a shard id: its saved state) or already merged states into one."""
+    store = Store(store_path)
+    return merge_states([states_from_arrays(store.load_shard_arrays(job, p)) if isinstance(p, int) else p
+                         for p in parts])
+
+
+@task(name="catalog-save")
+def save_catalog(store_path: str, states: LayerStates, attrs: dict) -> dict:
+    """Write the reduced statistics of every layer; returns {layer: facts} for the job record."""
+    store = Store(store_path)
+    facts = {}
+    for layer, state in states.items():
+        for name, (array, extra) in catalog_arrays(state).items():
+            store.write_array(f"catalog/{layer}/{name}", array, {**attrs, "layer": layer, **extra})
+        summary = stats_summary(state)
+        store.update_attrs(f"catalog/{layer}/stats", **attrs, layer=layer, **summary)
+        facts[layer] = {"images": int(state.count), "units": state.channels, "dead_units": summary["dead_units"]}
+    return facts
+
+
+@task(name="catalog-filters")
+def save_filter_grid(store_path: str, model: str, weights: str | None, device: str, attrs: dict) -> None:
+    """The model's first-layer filters as one image, each filter normalised on its own."""
+    m = cached_model(model, weights, device)
+    layer = m.spec.first_conv
+    grid = filter_grid(m.layer(layer).weight)
+    Store(store_path).write_array("catalog/first_layer_filters", grid, {**attrs, "layer": layer})
+
+
+@task(name="catalog-patches", retries=2, retry_delay_seconds=1)
+def catalog_patches(store_path: str, job: str, block: int, data: str, channel_ranges: dict[str, tuple[int, int]],
+                    model: str, weights: str | None, device: str, batch_size: int, projections: int,
+                    rule: str, fp: str) -> dict:
+    """Patches, top-1 overlays and projections of channels [c0, c1) of every layer.
+
+    Reads only the images on those channels' top/bottom lists, in batches, so memory is
+    bounded by the block's outputs plus a few decoded batches.
+    """
+    m = cached_model(model, weights, device)
+    store = Store(store_path)
+    crop = m.preprocessing.crop
+    rfs = receptive_fields(m)
+    seconds = defaultdict(float)
+    work = {layer: _BlockWork(store, layer, c0, c1, rfs[layer], crop, projections)
+            for layer, (c0, c1) in channel_ranges.items() if c1 > c0}
+    needed = np.unique(np.concatenate([w.image_indices() for w in work.values()] + [np.zeros(0, np.int64)]))
+    manifest = store.read_manifest()
+    items = [(int(i), str(Path(data) / manifest["path"].iloc[i])) for i in needed]
+    for batch in _timed_batches(iter_batches(items, m.preprocessing, batch_size), seconds):
+        if len(batch.indices):
+            images = batch.images.numpy()
+            for w in work.values():
+                w.consume(m, batch.indices, images, batch_size, rule, seconds)
+    for w in work.values():
+        w.write(store)
+    result = {"images": len(needed), "seconds": {k: round(v, 4) for k, v in seconds.items()}}
+    store.mark_shard_done(job, block, fp, result)
+    return result
+
+
+class _BlockWork:
+    """The outputs of one layer's channel block, filled batch by batch of decoded images."""
+
+    def __init__(self, store: Store, layer: str, c0: int, c1: int, rf, crop: int, projections: int):
+        base = f"catalog/{layer}"
+        self.layer, self.base, self.c0, self.c1 = layer, base, c0, c1
+        self.lists = {which: (store.array(f"{base}/{which}_index")[c0:c1], store.array(f"{base}/{which}_yx")[c0:c1])
+                      for which in ("top", "bottom")}
+        self.maps = store.array(f"{base}/top1_map")[c0:c1].astype(np.float32)
+        self.size = store.array(f"{base}/top_patch").shape[-2]
+        self.overlay_size = store.array(f"{base}/overlay").shape[-2]
+        self.boxes = square_boxes(rf, self.maps.shape[1:], crop, crop)
+        self.patches = {which: np.zeros(idx.shape + (self.size, self.size, 3), np.uint8)
+                        for which, (idx, _) in self.lists.items()}
+        self.overlay = np.zeros((c1 - c0, self.overlay_size, self.overlay_size, 3), np.uint8)
+        self.n_project = max(0, min(c1, projections) - c0)
+        self.projection = np.zeros((self.n_project, self.size, self.size, 3), np.uint8)
+
+    def image_indices(self) -> np.ndarray:
+        return np.concatenate([idx[idx >= 0] for idx, _ in self.lists.values()])
+
+    def consume(self, m, indices: np.ndarray, images: np.ndarray, batch_size: int, rule: str, seconds: dict):
+        t0 = time.perf_counter()
+        for which, (idx, yx) in self.lists.items():
+            hit = np.isin(idx, indices)
+            if hit.any():
+                rows = np.searchsorted(indices, idx[hit])
+                self.patches[which][hit] = extract_patches(images, rows, yx[hit], self.boxes, self.size)
+        top_idx, top_yx = self.lists["top"][0][:, 0], self.lists["top"][1][:, 0]
+        units = np.flatnonzero(np.isin(top_idx, indices))
+        rows = np.searchsorted(indices, top_idx[units])
+        if len(units):
+            self.overlay[units] = overlays(images, rows, self.maps[units], self.overlay_size)
+        t1 = time.perf_counter()
+        seconds["patches"] += t1 - t0
+        todo = units[units < self.n_project]
+        for s in range(0, len(todo), batch_size):
+            part = todo[s:s + batch_size]
+            self.projection[part] = project_units(
+                m, self.layer, images[np.searchsorted(indices, top_idx[part])], part + self.c0, top_yx[part],
+                self.boxes, self.size, rule)
+        seconds["projection"] += time.perf_counter() - t1
+
+    def write(self, store: Store) -> None:
+        for which, patches in self.patches.items():
+            store.write_rows(f"{self.base}/{which}_patch", self.c0, patches)
+        store.write_rows(f"{self.base}/overlay", self.c0, self.overlay)
+        if self.n_project:
+            store.write_rows(f"{self.base}/projection", self.c0, self.projection)
+
+
+@task(name="catalog-featvis", retries=1)
+def catalog_featvis(store_path: str, layer: str, channel: int, model: str, weights: str | None, device: str,
+                    size: int, steps: int, seed: int) -> bool:
+    """Feature visualisation of one unit (engine.optvis, shared with `neurocat render featvis`)."""
+    from engine.optvis import visualize_unit
+
+    m = cached_model(model, weights, device)
+    image = visualize_unit(m, layer, channel, size=size, steps=steps, seed=seed)
+    Store(store_path).write_rows(f"catalog/{layer}/featvis", channel, np.asarray(image, np.uint8)[None])
+    return True
