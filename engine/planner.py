@@ -1,0 +1,138 @@
+"""Capacity planning: how long and how much memory each stage of a job takes on a cluster.
+
+A short calibration on this machine measures the per-image cost of decoding, of the
+forward pass and of forward+backward for the chosen model. Per-device factors (below)
+turn those into estimates for workers of another kind; the slowest stage bounds the run.
+
+Device table (documented assumptions, not measurements; refine with `bench/scale.py`
+on the real hardware):
+  forward_img_s   EfficientNet-Lite0 forward throughput per GPU at batch 256, fp16,
+                  channels-last (about 25 % of peak tensor throughput for a depthwise
+                  net; ResNet-50 reaches ~3,000 img/s training on an A100 for scale)
+  backward_x      forward+backward cost relative to forward
+  decode_cores    CPU cores per GPU worker that decode JPEGs (each core decodes at the
+                  rate measured here)
+  mem_gib         device memory
+  faiss_gflops    achieved GEMM throughput for exact kNN (fp32 on GPU)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEVICES = {
+    "cpu": None,  # this machine as calibrated
+    "h100": {"forward_img_s": 12000.0, "backward_x": 3.0, "decode_cores": 16, "mem_gib": 80, "faiss_gflops": 40000.0},
+    "h200": {"forward_img_s": 13000.0, "backward_x": 3.0, "decode_cores": 16, "mem_gib": 141, "faiss_gflops": 40000.0},
+    "a100": {"forward_img_s": 7000.0, "backward_x": 3.0, "decode_cores": 12, "mem_gib": 80, "faiss_gflops": 15000.0},
+    "l4": {"forward_img_s": 2500.0, "backward_x": 3.0, "decode_cores": 8, "mem_gib": 24, "faiss_gflops": 20000.0},
+    "t4": {"forward_img_s": 1500.0, "backward_x": 3.2, "decode_cores": 4, "mem_gib": 16, "faiss_gflops": 7000.0},
+}
+
+# per-image model passes each job needs: (forward passes, forward+backward passes)
+JOB_PASSES = {
+    "predict": (1, 0),
+    "catalog": (1.1, 0),  # second pass: only images in some top/bottom-K list, a small fraction
+    "embed": (1, 0),
+    "audit": (1, 0.2),  # Grad-CAM for context reliance on a sample
+    "explain": (1, 8),  # saliency, Grad-CAM, guided, SmoothGrad(+), IG steps dominate
+    "adversarial": (1, 10),  # PGD-10
+}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds per image on this machine, measured now."""
+
+    decode_s: float
+    forward_s: float
+    backward_s: float
+    cores: int
+    gemm_gflops: float
+
+
+def _best_of(repeats: int, fn) -> float:
+    """Least wall time of `repeats` calls: the machine's speed, not its other load."""
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def calibrate(model, paths: list, batch_size: int = 16) -> Calibration:
+    """Time decode (16 real images), forward and forward+backward (best of a few batches), a GEMM."""
+    from engine.images import ImageError, load_preprocessed
+
+    sample = paths[:16]
+    t0 = time.perf_counter()
+    decoded = 0
+    for p in sample:
+        try:
+            load_preprocessed(p, model.preprocessing)
+            decoded += 1
+        except ImageError:
+            continue
+    decode_s = (time.perf_counter() - t0) / max(1, decoded) if sample else 0.01
+    x = torch.randn(batch_size, 3, model.preprocessing.crop, model.preprocessing.crop)
+    with torch.inference_mode():
+        model.module(x[:2])
+        forward_s = _best_of(3, lambda: model.module(x)) / batch_size
+    xb = x[: max(2, batch_size // 2)].clone().requires_grad_(True)
+    backward_s = _best_of(2, lambda: model.module(xb).max(dim=1).values.sum().backward()) / len(xb)
+    a = np.random.default_rng(0).standard_normal((1024, 1280), dtype=np.float32)
+    t0 = time.perf_counter()
+    a @ a.T
+    gemm = 2 * 1024 * 1024 * 1280 / (time.perf_counter() - t0) / 1e9
+    return Calibration(decode_s, forward_s, backward_s, torch.get_num_threads(), gemm)
+
+
+def plan(n_images: int, jobs: list[str], workers: int, device: str, cal: Calibration,
+         embed_dim: int = 1280, knn_k: int = 10) -> dict:
+    """Estimated seconds per stage and the bounding stage, for `workers` workers of `device`."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
+    spec = DEVICES[device]
+    if spec is None:  # CPU workers like this machine: each worker gets its share of the cores
+        forward_img_s = workers / cal.forward_s
+        backward_img_s = workers / cal.backward_s
+        decode_img_s = workers / cal.decode_s
+        gflops = cal.gemm_gflops * workers
+        mem_gib = None
+    else:
+        forward_img_s = spec["forward_img_s"] * workers
+        backward_img_s = forward_img_s / spec["backward_x"]
+        decode_img_s = spec["decode_cores"] * workers / cal.decode_s
+        gflops = spec["faiss_gflops"]  # exact kNN runs on one device
+        mem_gib = spec["mem_gib"]
+    stages = {"decode": n_images / decode_img_s}
+    fwd = sum(JOB_PASSES[j][0] for j in jobs if j in JOB_PASSES)
+    bwd = sum(JOB_PASSES[j][1] for j in jobs if j in JOB_PASSES)
+    # the shared forward pass is computed once for predict/embed/audit
+    shared = {"predict", "embed", "audit"} & set(jobs)
+    fwd -= max(0, len(shared) - 1)
+    stages["forward"] = n_images * fwd / forward_img_s
+    if bwd:
+        stages["backward"] = n_images * bwd / backward_img_s
+    if {"embed", "audit"} & set(jobs):
+        stages["knn"] = 2.0 * n_images * n_images * embed_dim / (gflops * 1e9)
+        stages["tsne"] = 2e-5 * n_images * math.log2(max(n_images, 2)) if "embed" in jobs else 0.0
+    # decode overlaps the model passes; kNN and t-SNE run after them
+    overlapped = max(stages["decode"], stages["forward"] + stages.get("backward", 0.0))
+    total = overlapped + stages.get("knn", 0.0) + stages.get("tsne", 0.0)
+    bound = max(stages, key=stages.get)
+    memory = {
+        "features_gib": n_images * embed_dim * 2 / 2**30,
+        "knn_index_gib": n_images * embed_dim * 4 / 2**30,
+        "device_gib": mem_gib,
+    }
+    return {"images": n_images, "jobs": jobs, "workers": workers, "device": device,
+            "stages_s": {k: round(v, 2) for k, v in stages.items()}, "total_s": round(total, 2),
+            "bound_by": bound, "memory": {k: (round(v, 3) if v is not None else None) for k, v in memory.items()},
+            "throughput_img_s": round(n_images / total, 1) if total else None}
