@@ -1,0 +1,277 @@
+"""The audit on a dataset built from the shared images: three visually distant superclasses
+(dogs, birds, vehicles; WordNet ids), train/val folders, planted near-duplicates (resized,
+recompressed, cropped, byte copies; some across splits), planted label errors (images
+moved to a wrong superclass folder), and a second version of the dataset with planted
+changes for drift. One feature computation per dataset, shared by every test here."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy.stats import hypergeom
+
+from conftest import neurocat_cmd
+from engine import audit
+from flows.audit import AuditGateFailed, AuditSettings, audit_flow, run_audit
+from flows.common import RunOptions
+from storage.store import Store
+
+SETTINGS = AuditSettings(calibration_images=10, context_per_class=2, top_k=8)
+DOG = ("n02085620", "n02113978")
+BIRD = [("n01514668", "n01622779"), ("n01795545", "n01860187"), ("n02002724", "n02058221")]
+VEHICLE = ["n02690373", "n02814533", "n02835271", "n02930766", "n02951358", "n03673027", "n03770679",
+           "n04310018", "n04461696", "n04509417"]
+PER_CLASS = 10
+
+
+def superclass(wnid: str) -> str | None:
+    if DOG[0] <= wnid <= DOG[1]:
+        return "dog"
+    if any(a <= wnid <= b for a, b in BIRD):
+        return "bird"
+    return "vehicle" if wnid in VEHICLE else None
+
+
+def pick(shared: Path) -> dict[str, list[Path]]:
+    """Every shared image of each superclass, by WordNet id order."""
+    out: dict[str, list[Path]] = {"dog": [], "bird": [], "vehicle": []}
+    for folder in sorted(shared.iterdir()):
+        sc = superclass(folder.name)
+        if sc:
+            out[sc] += sorted(folder.iterdir())
+    return out
+
+
+def jpeg(img: Image.Image, dest: Path, quality: int) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    img.convert("RGB").save(dest, "JPEG", quality=quality)
+
+
+def near_copy(src: Path, dest: Path, kind: str) -> None:
+    img = Image.open(src).convert("RGB")
+    w, h = img.size
+    if kind == "resized":
+        jpeg(img.resize((w // 2, h // 2), Image.BILINEAR), dest, 50)
+    elif kind == "recompressed":
+        jpeg(img, dest, 25)
+    elif kind == "cropped":
+        jpeg(img.crop((int(w * 0.06), int(h * 0.05), w, h)), dest, 90)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+
+
+def place(src: Path, root: Path, split: str, label: str, name: str | None = None) -> str:
+    rel = f"{split}/{label}/{name or src.name}"
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, root / rel)
+    return rel
+
+
+@pytest.fixture(scope="session")
+def planted(shared_images, tmp_path_factory):
+    """Version 1 of the dataset and what was planted in it."""
+    root = tmp_path_factory.mktemp("audit") / "v1"
+    pool = pick(shared_images)
+    used = {sc: imgs[:PER_CLASS] for sc, imgs in pool.items()}
+    rel: dict[Path, str] = {}
+    moves = {("dog", 0): "bird", ("dog", 1): "vehicle", ("bird", 0): "vehicle", ("vehicle", 0): "dog"}
+    label_errors = set()
+    for sc, imgs in used.items():
+        for i, src in enumerate(imgs):
+            split = "val" if i >= PER_CLASS - 2 else "train"
+            folder = moves.get((sc, i), sc)
+            rel[src] = place(src, root, split, folder)
+            if folder != sc:
+                label_errors.add(rel[src])
+    dup_plan = [("dog", 2, "resized", "train"), ("dog", 3, "recompressed", "train"), ("bird", 2, "cropped", "train"),
+                ("bird", 3, "resized", "val"), ("vehicle", 2, "recompressed", "val"), ("vehicle", 3, "cropped", "train"),
+                ("dog", 4, "exact", "train")]
+    dup_pairs = set()
+    for sc, i, kind, split in dup_plan:
+        src = used[sc][i]
+        copy = f"{split}/{sc}/{kind}_copy_of_{src.stem}.jpg"
+        near_copy(src, root / copy, kind)
+        dup_pairs.add(tuple(sorted((rel[src], copy))))
+    leaks = {p for p in dup_pairs if len({q.split("/")[0] for q in p}) > 1}
+    spare = {sc: imgs[PER_CLASS:] for sc, imgs in pool.items()}
+    return {"root": root, "label_errors": label_errors, "dup_pairs": dup_pairs, "leaks": leaks, "rel": rel,
+            "used": used, "spare": spare}
+
+
+@pytest.fixture(scope="session")
+def first_audit(prefect_api, planted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit-run1")
+    opts = RunOptions(data=str(planted["root"]), store=str(out / "a1.zarr"), report=str(out / "r1"), batch_size=16)
+    result = audit_flow(opts, settings=SETTINGS)
+    return {"opts": opts, "result": result, "findings": json.loads((out / "r1" / "findings.json").read_text())}
+
+
+def pairs_of(clusters: list[dict]) -> set[tuple[str, str]]:
+    return {(a, b) for c in clusters for i, a in enumerate(c["paths"]) for b in c["paths"][i + 1:]}
+
+
+def test_findings_json_has_the_issue_format(first_audit):
+    f = first_audit["findings"]
+    for key in ("near_duplicates", "label_issues", "outliers", "imbalance", "context_reliance", "unit_bias", "drift"):
+        assert key in f
+    for d in f["near_duplicates"]:
+        assert set(d) >= {"paths", "score", "id"} and d["paths"] == sorted(d["paths"])
+    for li in f["label_issues"]:
+        assert set(li) >= {"path", "given", "suggested", "score", "id"}
+    assert f["imbalance"]["classes"]["counts"]  # per class counts
+    assert (Path(first_audit["opts"].report) / "audit.html").exists()
+
+
+def test_planted_near_duplicates_found_with_precision_and_recall(first_audit, planted):
+    found = pairs_of(first_audit["findings"]["near_duplicates"])
+    true = planted["dup_pairs"]
+    hits = len(found & true)
+    assert hits / len(true) >= 0.9, (true - found, found - true)
+    assert hits / max(len(found), 1) >= 0.9, (found - true)
+    exact = [d for d in first_audit["findings"]["near_duplicates"] if d["kind"] == "exact"]
+    assert len(exact) == 1 and "exact_copy_of" in exact[0]["paths"][0]
+    leaks = {tuple(d["paths"]) for d in first_audit["findings"]["leakage"]}
+    assert leaks == planted["leaks"]
+
+
+def test_calibration_reports_threshold_fpr_and_recall(first_audit):
+    store = Store(first_audit["opts"].store, mode="r")
+    cal = store.attrs("audit")["methods"]["calibration"]
+    cos = cal["fc7_cosine"]
+    assert 0.3 < cos["value"] < 1.0
+    assert cos["expected_false_pairs"] <= cal["max_false_pairs"]
+    assert cal["recall_either"] >= 0.9  # augmented copies of real images are caught
+    # the reported rate matches the calibration negatives where they are dense enough to count
+    unit = audit.unit_rows(store.read("features/fc7"))
+    usable = store.read_manifest()["status"].to_numpy() == "ok"
+    sha = store.read_manifest()["sha256"].to_numpy()
+    neg, _ = audit.negative_pairs(unit, audit.dhash(store.read("thumbs")), usable, sha)
+    fpr, u, _ = audit.tail_fpr(neg)
+    below = u - 0.05
+    assert fpr(below) == pytest.approx((neg >= below).mean(), abs=1e-9)
+
+
+def test_planted_label_errors_ranked_at_the_top(first_audit, planted):
+    issues = first_audit["findings"]["label_issues"]
+    ranked = [i["path"] for i in issues]
+    errors = planted["label_errors"]
+    assert errors <= set(ranked[:len(errors) + 2]), (ranked[:8], errors)
+    for i in issues:
+        if i["path"] in errors:
+            true = next(sc for sc, imgs in planted["used"].items() for s in imgs if planted["rel"][s] == i["path"])
+            assert i["suggested"] == true and i["given"] != true and i["score"] > 0
+
+
+def test_rerun_gives_identical_findings_and_gate_fails_after_writing(first_audit):
+    opts = first_audit["opts"]
+    findings_path = Path(opts.report) / "findings.json"
+    findings_path.unlink()
+    with pytest.raises(AuditGateFailed) as err:
+        audit_flow(opts, fail_on=["near_duplicates", "label_issues"], settings=SETTINGS)
+    assert err.value.gates["near_duplicates"] == len(first_audit["findings"]["near_duplicates"])
+    assert json.loads(findings_path.read_text()) == first_audit["findings"]
+    state = audit_flow(opts, fail_on=["near_duplicates"], settings=SETTINGS, return_state=True)
+    assert state.is_failed()
+
+
+def test_unit_bias_detected_on_constructed_case_not_on_shuffled(first_audit, tmp_path):
+    opts = first_audit["opts"]
+    store = Store(opts.store, mode="r")
+    manifest = store.read_manifest()
+    usable = manifest["status"].to_numpy() == "ok"
+    feats = store.read("features/fc7").astype(np.float32)
+    unit = int(np.argmax(feats[usable].std(0)))
+    top = audit.top_k_rows(feats, np.flatnonzero(usable), SETTINGS.top_k)[unit]
+    rng = np.random.default_rng(0)
+    group = np.array(["outdoor"] * len(manifest), dtype=object)
+    extra = rng.choice(np.setdiff1d(np.flatnonzero(usable), top), 3, replace=False)
+    group[np.concatenate([top, extra])] = "studio"
+    meta = tmp_path / "meta.csv"
+    pd.DataFrame({"path": manifest["path"], "camera": group}).to_csv(meta, index=False)
+    result = run_audit(opts, Store(opts.store), metadata=str(meta), settings=SETTINGS)
+    findings = json.loads(Path(result["findings"]).read_text())
+    hits = [f for f in findings["unit_bias"] if f["unit"] == unit and f["column"] == "camera"]
+    assert hits and hits[0]["group"] == "studio" and hits[0]["count"] == SETTINGS.top_k and hits[0]["q_value"] < 0.05
+    assert findings["imbalance"]["groups"]["camera"]["counts"]["studio"] == SETTINGS.top_k + 3
+    codes = audit.metadata_codes(manifest, pd.DataFrame({"path": manifest["path"], "camera": group}))
+    top_all = audit.top_k_rows(feats, np.flatnonzero(usable), SETTINGS.top_k)
+    for seed in range(3):
+        perm = np.random.default_rng(seed + 1).permutation(len(manifest))
+        shuffled = {"camera": (codes["camera"][0][perm], codes["camera"][1])}
+        assert audit.unit_bias_findings("fc7", top_all, shuffled, usable, manifest["path"].to_numpy()) == []
+
+
+def test_hypergeometric_p_value_matches_brute_force():
+    population, group, k = 40, 12, 8
+    for x in range(0, k + 1):
+        brute = sum(math.comb(group, i) * math.comb(population - group, k - i) for i in range(x, k + 1)) \
+            / math.comb(population, k)
+        assert hypergeom.sf(x - 1, population, group, k) == pytest.approx(brute, rel=1e-9)
+    p = np.array([0.01, 0.04, 0.03, 0.5])
+    assert np.allclose(audit.bh_adjust(p), [0.04, 0.04, 0.04, 0.5])
+
+
+def test_second_audit_reports_exactly_the_planted_changes(first_audit, planted, tmp_path):
+    v2 = tmp_path / "v2"
+    shutil.copytree(planted["root"], v2)
+    rel = planted["rel"]
+    removed = rel[planted["used"]["vehicle"][5]]
+    (v2 / removed).unlink()
+    added = [place(planted["spare"]["dog"][0], v2, "train", "dog"), place(planted["spare"]["bird"][0], v2, "train", "bird")]
+    bird = planted["used"]["bird"][4]
+    dup = f"train/bird/resized_copy_of_{bird.stem}.jpg"
+    near_copy(shared := bird, v2 / dup, "resized")
+    moved_src = planted["used"]["bird"][5]
+    moved_to = f"train/dog/{moved_src.name}"
+    (v2 / moved_to).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(v2 / rel[moved_src], v2 / moved_to)
+    opts = RunOptions(data=str(v2), store=str(tmp_path / "a2.zarr"), report=str(tmp_path / "r2"), batch_size=16)
+    result = audit_flow(opts, previous=first_audit["opts"].store, settings=SETTINGS)
+    d = json.loads(Path(result["findings"]).read_text())["drift"]
+    assert sorted(d["images"]["added"]) == sorted(added + [dup])
+    assert d["images"]["removed"] == [removed]
+    assert d["images"]["moved"] == [{"from": rel[moved_src], "to": moved_to}]
+    assert [c["paths"] for c in d["new_near_duplicates"]] == [sorted([rel[shared], dup])]
+    assert [i["path"] for i in d["new_label_issues"]] == [moved_to]
+    assert d["findings"]["near_duplicates"]["resolved"] == 0 and d["findings"]["label_issues"]["resolved"] == 0
+    assert {c["class"] for c in d["centroid_shift"]} == {"dog", "bird", "vehicle"}
+    shifts = {c["class"]: c["shift"] for c in d["centroid_shift"]}
+    assert shifts["bird"] > 0 and shifts["dog"] > 0
+    html = (tmp_path / "r2" / "audit.html").read_text()
+    assert "badge-new" in html and "badge-persisting" in html
+
+
+def test_bad_metadata_is_exit_2(shared_images, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,group\na.jpg,x\n")
+    out = subprocess.run(neurocat_cmd() + ["audit", "--data", str(shared_images), "--metadata", str(bad),
+                                           "--report", str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "path" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(Exception, match="no `path` column"):
+        audit.read_metadata(str(bad))
+
+
+def test_dhash_is_robust_to_rescale_and_not_to_other_images(shared_images):
+    paths = sorted(shared_images.glob("*/*"))[:6]
+    thumbs, copies = [], []
+    for p in paths:
+        img = Image.open(p).convert("RGB").resize((64, 64))
+        thumbs.append(np.asarray(img))
+        buf = io.BytesIO()
+        img.resize((40, 40)).resize((64, 64)).save(buf, "JPEG", quality=40)
+        copies.append(np.asarray(Image.open(buf).convert("RGB")))
+    a, b = audit.dhash(np.stack(thumbs)), audit.dhash(np.stack(copies))
+    same = audit.hamming(a, b)
+    other = audit.hamming(a, np.roll(b, 1, axis=0))
+    assert same.max() <= 8 < other.min()
