@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.audit import run_audit
 from flows.catalog import run_catalog
 from flows.common import RunOptions, resolve_paths
 from flows.embed import run_embed
@@ -30,5 +31,6 @@ def demo_flow(opts: RunOptions) -> dict:
         table = run_predict(opts, store)
         run_embed(opts, store)
         run_catalog(opts, store, top_k=8, bottom_k=4, featvis_n=2, projections=16)
+        run_audit(opts, store)  # the planted copy_of_*.jpg shows up as a near-duplicate
         report = publish_report(opts.store, opts.report)
     return {"store": opts.store, "report": str(report), "images": len(table)}
