@@ -15,6 +15,7 @@ from engine.images import iter_batches
 from engine.inference import run_model
 from engine.models import cached_model
 from storage.store import Store
+from tasks.sharding import skip_if_done
 
 THUMB = 64  # side of the stored thumbnails reports and galleries show
 
@@ -34,6 +35,7 @@ def thumbnails(images_uint8: torch.Tensor, side: int = THUMB) -> np.ndarray:
 
 
 @task(name="features-shard", retries=2, retry_delay_seconds=1)
+@skip_if_done
 def features_shard(store_path: str, job: str, shard: int, start: int, stop: int,
                    items: list[tuple[int, str]], model: str, weights: str | None, device: str,
                    batch_size: int, layers: list[str], fp: str) -> dict:
