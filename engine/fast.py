@@ -1,0 +1,344 @@
+"""The fast model path: a registered model turned into its fastest correct form for the device.
+
+DOCSTRING-PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from engine.hooks import capture
+from engine.models import LoadedModel
+
+ENV = "NEUROCAT_FAST"
+CACHE_ENV = "NEUROCAT_COMPILE_CACHE"
+DEFAULT_CACHE = Path.home() / ".cache" / "neurocat" / "inductor"
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """Which optimisations the fast path applies; each can be turned off on its own."""
+
+    fold_bn: bool = True  # eval-mode batch norm folded into the preceding convolution
+    fold_padding: bool = True  # static "same" padding folded into the convolution's own padding
+    channels_last: bool = True  # NHWC memory format (oneDNN's fast layout on CPU)
+    compile: bool | None = None  # torch.compile with a persistent cache; None: when it pays
+    amp: bool = False  # bf16 autocast (CPU) / fp16 (CUDA): NOT within 1e-3 of fp32, so opt-in
+
+    @classmethod
+    def off(cls) -> FastOptions:
+        return cls(**{f.name: False for f in fields(cls)})
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> FastOptions:
+        """`NEUROCAT_FAST=0` turns everything off; `NEUROCAT_FAST_<OPTION>=0|1` sets one option."""
+        env = os.environ if env is None else env
+        base = cls.off() if env.get(ENV, "1").strip().lower() in ("0", "false", "no", "off") else cls()
+        changes = {}
+        for f in fields(cls):
+            value = env.get(f"{ENV}_{f.name.upper()}", "").strip().lower()
+            if value:
+                changes[f.name] = None if value == "auto" else value in ("1", "true", "yes", "on")
+        return replace(base, **changes)
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, f.name) is not False for f in fields(self))
+
+
+# ---------------------------------------------------------------- graph capture
+
+
+class _Tracer(fx.Tracer):
+    """Convolutions and batch norms stay whole (so they can be folded); every module call's
+    output node is recorded, so a layer name maps to exactly the tensor its forward hook sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.module_outputs: dict[str, fx.Node] = {}
+        self.module_calls: Counter = Counter()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        out = super().call_module(m, forward, args, kwargs)
+        name = self.path_of_module(m)
+        self.module_calls[name] += 1
+        if isinstance(out, fx.Proxy):
+            self.module_outputs[name] = out.node
+        return out
+
+
+def _static_padding(conv: nn.Module) -> tuple[int, int, int, int] | None:
+    """(left, right, top, bottom) of an EfficientNet `Conv2dStaticSamePadding`, else None."""
+    try:
+        from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+    except ImportError:  # pragma: no cover - the default model's package is a dependency
+        return None
+    if type(conv) is not Conv2dStaticSamePadding:
+        return None
+    pad = conv.static_padding
+    return tuple(pad.padding) if isinstance(pad, nn.ZeroPad2d) else (0, 0, 0, 0)
+
+
+def _fold_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and bias of conv followed by eval-mode bn, computed in float64."""
+    w = conv.weight.detach().double()
+    var, mean = bn.running_var.double(), bn.running_mean.double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(var)
+    return ((w * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype),
+            ((bias - mean) * scale + beta).to(conv.weight.dtype))
+
+
+def _plain_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
+                fold_padding: bool) -> nn.Module:
+    """A conv computing what `conv` computes, with the given weights.
+
+    Static "same" padding becomes the conv's own padding where it is symmetric; where it is
+    asymmetric (stride 2 pads one more at the bottom/right) the kernel grows by one zero
+    row/column at its start and the padding becomes symmetric, which adds only exact zeros.
+    """
+    pad = _static_padding(conv)
+    if pad is None or not fold_padding:
+        new = copy.deepcopy(conv)
+        new.weight = nn.Parameter(weight, requires_grad=False)
+        new.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return new
+    left, right, top, bottom = pad
+    ph, pw = conv.padding
+    if (left, top) != (right, bottom):
+        assert right - left in (0, 1) and bottom - top in (0, 1) and conv.dilation == (1, 1)
+        weight = nn.functional.pad(weight, (right - left, 0, bottom - top, 0))
+        left, top = right, bottom
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(weight.shape[-2:]), conv.stride,
+                    (top + ph, left + pw), conv.dilation, conv.groups, bias=bias is not None)
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    new.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    return new
+
+
+class _Unsupported(Exception):
+    """The graph cannot return one of the requested layers exactly (use hooks on eager)."""
+
+
+def build_graph(module: nn.Module, layers: tuple[str, ...], options: FastOptions) -> fx.GraphModule:
+    """An FX GraphModule returning `(logits, *outputs of layers)` with BN and padding folded.
+
+    A conv whose output is itself requested keeps its batch norm separate, so every layer
+    name returns the same tensor as the eager model's forward hook on it.
+    """
+    module = copy.deepcopy(module)
+    tracer = _Tracer()
+    graph = tracer.trace(module)
+    for name in layers:
+        if name not in tracer.module_outputs or tracer.module_calls[name] != 1:
+            raise _Unsupported(name)
+    wanted = {name: tracer.module_outputs[name] for name in layers}
+    modules = dict(module.named_modules())
+    requested_nodes = set(wanted.values())
+    replaced: set[str] = set()
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        bn = modules[node.target]
+        conv_node = node.args[0] if node.args else None
+        if (options.fold_bn and isinstance(bn, nn.BatchNorm2d) and not bn.training
+                and bn.track_running_stats and isinstance(conv_node, fx.Node)
+                and conv_node.op == "call_module" and isinstance(modules[conv_node.target], nn.Conv2d)
+                and len(conv_node.users) == 1 and conv_node not in requested_nodes):
+            conv = modules[conv_node.target]
+            weight, bias = _fold_bn_weights(conv, bn)
+            module.set_submodule(conv_node.target, _plain_conv(conv, weight, bias, options.fold_padding))
+            replaced.add(conv_node.target)
+            node.replace_all_uses_with(conv_node)
+            wanted = {k: conv_node if v is node else v for k, v in wanted.items()}
+            graph.erase_node(node)
+    for node in graph.nodes:
+        target = node.target if node.op == "call_module" else None
+        if target and target not in replaced and _static_padding(modules[target]) and options.fold_padding:
+            conv = modules[target]
+            module.set_submodule(target, _plain_conv(conv, conv.weight.detach(), conv.bias, True))
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = ((output.args[0], *[wanted[name] for name in layers]),)
+    gm = fx.GraphModule(module, graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.requires_grad_(False)
+    return gm
+
+
+# ---------------------------------------------------------------- compilation
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs between runs ($NEUROCAT_COMPILE_CACHE)."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+def _use_compile_cache() -> None:
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+
+
+COLD_COMPILE_S = 60.0  # first compilation of EfficientNet-Lite0 on the 2-core machine
+
+
+class _CompileRecord:
+    """The last measured compile time of one graph, kept beside the inductor cache so a
+    later run knows compiling is cheap now (the cache is warm)."""
+
+    def __init__(self, key: str):
+        self.path = compile_cache_dir() / "neurocat" / f"{key}.txt"
+
+    def expected_seconds(self) -> float:
+        try:
+            return float(self.path.read_text())
+        except (OSError, ValueError):
+            return COLD_COMPILE_S
+
+    def save(self, seconds: float) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(f"{seconds:.3f}")
+            tmp.replace(self.path)
+        except OSError:
+            pass  # a read-only cache only costs the next run its estimate
+
+
+# ---------------------------------------------------------------- the fast model
+
+
+class FastModel:
+    """`fm(x) -> (logits, {layer: activation})`, the same tensors as eager hooks would give.
+
+    Eager until compiling pays (see the module docstring); compiled graphs run on a fixed
+    batch size (smaller batches are zero-padded, larger ones split) so the last, smaller
+    batch of a shard does not trigger a second compilation.
+    """
+
+    def __init__(self, model: LoadedModel, layers: tuple[str, ...], options: FastOptions, for_grad: bool):
+        self.model, self.layers, self.options, self.for_grad = model, layers, options, for_grad
+        self.graph: nn.Module | None = None
+        if options.any:
+            try:
+                self.graph = build_graph(model.module, layers, options)
+            except (_Unsupported, fx.proxy.TraceError):
+                self.graph = None  # hooks on the eager module give these layers exactly
+        if self.graph is not None and options.channels_last:
+            self.graph.to(memory_format=torch.channels_last)
+        self.compiled = None
+        self.compiled_batch = 0
+        self.compile_seconds: float | None = None
+        self.eager_seconds = 0.0
+        if self.graph is not None and options.compile is not False:
+            self.record = _CompileRecord(self._key())
+            if options.compile:
+                self._compile()
+
+    def _key(self) -> str:
+        import hashlib
+
+        parts = (self.graph.code, str(self.options), str(self.for_grad), torch.__version__, str(self.model.device))
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+    @property
+    def form(self) -> str:
+        """What runs now, for provenance and benchmarks."""
+        if self.graph is None:
+            return "eager"
+        return "compiled" if self.compiled is not None else "folded"
+
+    def _compile(self) -> None:
+        _use_compile_cache()
+        options = None if self.for_grad else {"freezing": False}
+        self.compiled = torch.compile(self.graph, dynamic=False, options=options)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = x.to(self.model.device)
+        if self.graph is None:
+            with capture(self.model.module, list(self.layers), detach=not self.for_grad) as acts:
+                logits = self.model.module(x)
+            return logits, {name: acts[name] for name in self.layers}
+        x = self._layout(x)
+        with self._autocast():
+            outputs = self._run(x)
+        logits, *acts = outputs
+        if self.options.amp:
+            logits, acts = logits.float(), [a.float() for a in acts]
+        if not self.for_grad:  # a copy would cut the activations out of the autograd graph
+            acts = [a.contiguous() for a in acts]
+        return logits, dict(zip(self.layers, acts))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The one memory format compiled graphs see (a stride change would recompile)."""
+        fmt = torch.channels_last if self.options.channels_last and x.dim() == 4 else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+    def _autocast(self):
+        if not self.options.amp:
+            return torch.autocast(self.model.device.type, enabled=False)
+        dtype = torch.float16 if self.model.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.model.device.type, dtype=dtype)
+
+    def _run(self, x: torch.Tensor):
+        if self.compiled is None:
+            start = time.perf_counter()
+            out = self.graph(x)
+            self.eager_seconds += time.perf_counter() - start
+            if self.options.compile is None and self.eager_seconds >= self.record.expected_seconds():
+                self._compile()  # ski rental: compiling now costs at most what eager already cost
+            return out
+        if not self.compiled_batch:
+            self.compiled_batch = len(x)
+            start = time.perf_counter()
+            out = self.compiled(x)
+            self.compile_seconds = time.perf_counter() - start
+            self.record.save(self.compile_seconds)
+            return out
+        return self._run_fixed_batch(x)
+
+    def _run_fixed_batch(self, x: torch.Tensor):
+        n, b = len(x), self.compiled_batch
+        if n == b:
+            return self.compiled(x)
+        pieces = []
+        for i in range(0, n, b):
+            part = x[i:i + b]
+            if len(part) < b:
+                part = self._layout(torch.cat([part, part.new_zeros((b - len(part), *part.shape[1:]))]))
+            pieces.append([o[: min(b, n - i)] for o in self.compiled(part)])
+        return [torch.cat(parts) for parts in zip(*pieces)]
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def fast_module(model: LoadedModel, layers: tuple[str, ...] | list[str] = (), *, for_grad: bool = False,
+                options: FastOptions | None = None) -> FastModel:
+    """The fast form of `model` returning `layers` (resolved names), one per process and layer set.
+
+    `for_grad=True` keeps activations in the autograd graph (Grad-CAM, saliency, renders):
+    eval-mode BN folding is exact for gradients with respect to the input too.
+    """
+    options = options or FastOptions.from_env()
+    key = (tuple(layers), for_grad, options)
+    with _CACHE_LOCK:
+        per_model = _CACHE.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = FastModel(model, tuple(layers), options, for_grad)
+        return per_model[key]

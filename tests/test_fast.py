@@ -1,0 +1,142 @@
+"""The fast model path gives the eager model's results: logits, top-1, activations, gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine.fast import FastOptions, build_graph, fast_module
+from engine.hooks import capture, hook_count
+from engine.images import list_images, load_preprocessed
+from engine.inference import run_model
+
+NO_COMPILE = FastOptions(compile=False)
+LAYERS = ("_blocks.5", "_blocks.5._bn1", "_blocks.5._depthwise_conv", "_conv_stem", "_bn0",
+          "_conv_head", "_avg_pooling", "_blocks.15")
+
+
+@pytest.fixture(scope="session")
+def shared_batch(shared_images, model) -> torch.Tensor:
+    """32 of the shared images (every eighth), normalised."""
+    entries = list_images(shared_images)[::8][:32]
+    images = np.stack([load_preprocessed(shared_images / e.path, model.preprocessing) for e in entries])
+    return model.preprocessing.normalize(torch.from_numpy(images))
+
+
+@pytest.fixture(scope="session")
+def eager(model, shared_batch):
+    """Plain eager logits and hooked activations: the reference."""
+    with torch.inference_mode(), capture(model.module, list(LAYERS)) as acts:
+        logits = model.module(shared_batch)
+    return logits, dict(acts)
+
+
+def test_fast_logits_and_top1_match_eager(model, shared_batch, eager):
+    logits, _ = run_model(model, shared_batch, fast=NO_COMPILE)
+    assert fast_module(model, options=NO_COMPILE).form == "folded"
+    assert (logits - eager[0]).abs().max().item() < 1e-3
+    assert torch.equal(logits.argmax(1), eager[0].argmax(1))
+
+
+def test_every_requested_layer_returns_the_eager_tensor(model, shared_batch, eager):
+    """Folding BN changes what a conv outputs; a requested conv keeps its BN apart, and a
+    requested BN or block returns exactly what the eager forward hook sees."""
+    _, acts = run_model(model, shared_batch, LAYERS, fast=NO_COMPILE)
+    for name in LAYERS:
+        ref = eager[1][name]
+        assert acts[name].shape == ref.shape, name
+        assert acts[name].is_contiguous(), name
+        err = (acts[name] - ref).abs().max().item()
+        assert err < 1e-3 * max(1.0, ref.abs().max().item()), (name, err)
+
+
+def test_alias_and_unusual_layers(model, shared_batch, eager):
+    """Aliases resolve; a layer the graph cannot return (a pad inside a conv, the ReLU6 reused
+    by stem and head) falls back to eager hooks and still gives the eager tensor."""
+    x = shared_batch[:4]
+    with torch.inference_mode(), capture(model.module, ["_conv_stem.static_padding", "_swish"]) as ref:
+        model.module(x)
+    before = hook_count(model.module)
+    _, acts = run_model(model, x, ("fc7", "_conv_stem.static_padding", "_swish"), fast=NO_COMPILE)
+    assert hook_count(model.module) == before
+    torch.testing.assert_close(acts["fc7"], eager[1]["_avg_pooling"][:4], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(acts["_conv_stem.static_padding"], ref["_conv_stem.static_padding"])
+    torch.testing.assert_close(acts["_swish"], ref["_swish"])
+
+
+def test_folded_graph_has_no_batch_norm_and_no_pad(model):
+    folded = build_graph(model.module, (), NO_COMPILE)
+    kinds = {type(m) for m in folded.modules()}
+    assert nn.BatchNorm2d not in kinds and nn.ZeroPad2d not in kinds
+    kept = build_graph(model.module, (), FastOptions(fold_bn=False, fold_padding=False, compile=False))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in kept.modules()) == 49
+    assert sum(isinstance(m, nn.ZeroPad2d) for m in kept.modules()) == 17
+    # the asymmetric stride-2 pads became a wider kernel with symmetric padding
+    stem = folded.get_submodule("_conv_stem")
+    assert type(stem) is nn.Conv2d and stem.kernel_size == (4, 4) and stem.padding == (1, 1)
+
+
+@pytest.mark.parametrize("options", [
+    FastOptions(fold_bn=False, compile=False),
+    FastOptions(fold_padding=False, compile=False),
+    FastOptions(channels_last=False, compile=False),
+    FastOptions.off(),
+], ids=["no-fold-bn", "no-fold-padding", "no-channels-last", "all-off"])
+def test_each_optimisation_can_be_turned_off(model, shared_batch, eager, options):
+    x = shared_batch[:16]
+    logits, acts = run_model(model, x, ("_blocks.5",), fast=options)
+    assert (logits - eager[0][:16]).abs().max().item() < 1e-3
+    assert (acts["_blocks.5"] - eager[1]["_blocks.5"][:16]).abs().max().item() < 1e-3
+    if options == FastOptions.off():
+        assert fast_module(model, ("_blocks.5",), options=options).form == "eager"
+        assert torch.equal(logits, eager[0][:16])  # plain eager, bit for bit
+
+
+def test_flags_from_environment():
+    assert FastOptions.from_env({}) == FastOptions()
+    assert FastOptions.from_env({"NEUROCAT_FAST": "0"}) == FastOptions.off()
+    assert not FastOptions.from_env({"NEUROCAT_FAST": "0"}).any
+    assert FastOptions.from_env({"NEUROCAT_FAST_COMPILE": "0"}).compile is False
+    assert FastOptions.from_env({"NEUROCAT_FAST_COMPILE": "auto"}).compile is None
+    only_fold = FastOptions.from_env({"NEUROCAT_FAST": "0", "NEUROCAT_FAST_FOLD_BN": "1"})
+    assert only_fold.fold_bn and not only_fold.channels_last and only_fold.compile is False
+
+
+def test_run_model_uses_the_environment(model, shared_batch, monkeypatch):
+    monkeypatch.setenv("NEUROCAT_FAST", "0")
+    run_model(model, shared_batch[:2])
+    assert fast_module(model).form == "eager"
+
+
+def _saliency(forward, x):
+    x = x.clone().requires_grad_(True)
+    logits = forward(x)
+    logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+    return x.grad.abs().amax(1)
+
+
+def test_saliency_through_the_fast_path_matches_eager(model, shared_batch):
+    """Gradients w.r.t. the input: folding is exact for them too (Grad-CAM, renders)."""
+    x = shared_batch[:4]
+    fm = fast_module(model, ("_conv_head",), for_grad=True, options=NO_COMPILE)
+    ours = _saliency(lambda t: fm(t)[0], x)
+    ref = _saliency(model.module, x)
+    for a, b in zip(ours, ref):
+        r = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
+        assert r >= 0.999
+    # activations stay in the autograd graph (Grad-CAM)
+    logits, acts = fm(x.clone().requires_grad_(True))
+    assert acts["_conv_head"].requires_grad
+    (grad,) = torch.autograd.grad(logits[:, 0].sum(), acts["_conv_head"])
+    assert grad.shape == acts["_conv_head"].shape and grad.abs().sum() > 0
+
+
+def test_mixed_precision_is_opt_in_and_keeps_top1(model, shared_batch, eager):
+    """bf16 is off by default: its logits differ by about 0.1 (far from 1e-3)."""
+    assert not FastOptions().amp
+    logits, _ = run_model(model, shared_batch[:16], fast=FastOptions(amp=True, compile=False))
+    assert logits.dtype == torch.float32
+    agree = (logits.argmax(1) == eager[0][:16].argmax(1)).float().mean().item()
+    assert agree >= 0.9
