@@ -52,7 +52,7 @@ class PixelParam(ImageParam):
             if shape is None:
                 raise ValueError("PixelParam needs init or shape")
             init = 0.5 + noise * (2 * torch.rand(shape, generator=generator) - 1)
-        self.pixels = init.detach().clone().float().requires_grad_(True)
+        self.pixels = init.detach().float().contiguous().clone().requires_grad_(True)
         self.params = [self.pixels]
 
     def __call__(self) -> torch.Tensor:
@@ -95,7 +95,7 @@ def image_to_tensor(images: np.ndarray) -> torch.Tensor:
     a = np.asarray(images)
     if a.ndim == 3:
         a = a[None]
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float().div(255.0)
+    return torch.from_numpy(np.array(a, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(255.0)
 
 
 def tensor_to_image(x: torch.Tensor) -> np.ndarray:

@@ -50,16 +50,25 @@ class SmoothReLU6(nn.Module):
         return F.softplus(x, self.beta) - F.softplus(x - 6.0, self.beta)
 
 
-@functools.lru_cache(maxsize=4)
-def network(model: LoadedModel, smooth: float | None = None) -> nn.Module:
-    """The module to differentiate: the model's own, or a copy with smoothed ReLU6."""
-    if not smooth:
+@functools.lru_cache(maxsize=8)
+def network(model: LoadedModel, smooth: float | None = None, avg_pool: bool = False) -> nn.Module:
+    """The module to differentiate: the model's own, or a copy with smoothed ReLU6 / average pooling.
+
+    Average instead of max pooling is Gatys et al.'s choice for VGG: gradients reach every
+    pixel of a pooling window, not only the winner's.
+    """
+    if not smooth and not avg_pool:
         return model.module
     net = copy.deepcopy(model.module)
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, (nn.ReLU6, nn.ReLU)):
+            if smooth and isinstance(child, nn.ReLU6):
                 setattr(parent, name, SmoothReLU6(smooth))
+            elif smooth and isinstance(child, nn.ReLU):
+                setattr(parent, name, nn.Softplus(smooth))
+            elif avg_pool and isinstance(child, nn.MaxPool2d):
+                setattr(parent, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
+                                                   ceil_mode=child.ceil_mode))
     return net
 
 
@@ -199,13 +208,14 @@ def render(
     transform: Transform | None = None,
     generator: torch.Generator | None = None,
     smooth: float | None = None,
+    avg_pool: bool = False,
     tile: tuple[int, int] | None = None,
     after_step: Sequence[StepHook] = (),
     record: Sequence[int] = (),
 ) -> RenderResult:
     """Minimise `objective` over `param` for `steps` steps; snapshots after the steps in `record`."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    net = network(model, smooth)
+    net = network(model, smooth, avg_pool)
     prep = model.preprocessing
     mean = torch.tensor(prep.mean).view(1, 3, 1, 1).to(model.device)
     std = torch.tensor(prep.std).view(1, 3, 1, 1).to(model.device)
