@@ -1,0 +1,174 @@
+"""`neurocat catalog` on the shared images: top-K against an independent brute force, patches,
+statistics, resume, the atlas, runners agreeing, and CLI errors."""
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from conftest import neurocat_cmd
+from engine.images import list_images
+from engine.receptive_field import receptive_fields
+from flows.catalog import JOB, catalog_flow
+from flows.common import RunOptions
+from storage.store import Store
+
+LAYERS = ("_blocks.2", "_blocks.5")
+LIMIT, K, KB = 64, 8, 4
+OPTS = dict(limit=LIMIT, shard_size=16, batch_size=16)
+ARRAYS = [f"catalog/{layer}/{name}" for layer in LAYERS for name in (
+    "top_value", "top_index", "top_yx", "bottom_value", "bottom_index", "bottom_yx", "top_patch", "bottom_patch",
+    "overlay", "projection", "stats/mean", "stats/std", "stats/max", "stats/rate", "stats/hist", "stats/selectivity")]
+
+
+def run(tmp, name, shared_images, runner="threads"):
+    from flows.runners import task_runner
+
+    opts = RunOptions(data=str(shared_images), store=str(tmp / f"{name}.zarr"), report=str(tmp / f"{name}-report"),
+                      runner=runner, **OPTS)
+    flow = catalog_flow.with_options(task_runner=task_runner(runner))
+    return flow(opts, LAYERS, top_k=K, bottom_k=KB, projections=4)
+
+
+@pytest.fixture(scope="module")
+def catalog(prefect_api, shared_images, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("catalog")
+    result = run(tmp, "threads", shared_images)
+    return tmp, result, Store(result["store"], mode="r")
+
+
+@pytest.fixture(scope="module")
+def brute(shared_images, model):
+    """Spatial max of every channel per image, from PIL + torchvision transforms and plain forward hooks."""
+    prep = model.preprocessing
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(prep.mean, prep.std)])
+    paths = [shared_images / e.path for e in list_images(shared_images)][:LIMIT]
+    outputs = {layer: [] for layer in LAYERS}
+    handles = [model.module.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, out, layer=layer: outputs[layer].append(out.detach())) for layer in LAYERS]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(paths), 8):
+                model.module(torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[i:i + 8]]))
+    finally:
+        for h in handles:
+            h.remove()
+    images = [np.array(T.CenterCrop(224)(T.Resize(256)(Image.open(p).convert("RGB")))) for p in paths]
+    maps = {layer: torch.cat(v).numpy() for layer, v in outputs.items()}
+    return {"maps": maps, "score": {k: v.reshape(v.shape[0], v.shape[1], -1).max(2) for k, v in maps.items()},
+            "images": images}
+
+
+def expected_ranking(score: np.ndarray, k: int, descending: bool) -> np.ndarray:
+    """[C, k] image indices by score, then lower index (a plain Python sort per channel)."""
+    n = score.shape[0]
+    return np.array([sorted(range(n), key=lambda i: (-score[i, c] if descending else score[i, c], i))[:k]
+                     for c in range(score.shape[1])])
+
+
+def assert_same_ranking(got: np.ndarray, want: np.ndarray, score: np.ndarray, tol: float = 1e-4):
+    """Equal index lists, except that images whose scores differ by float noise may swap places."""
+    for c in range(got.shape[0]):
+        for g, w in zip(got[c], want[c]):
+            assert g == w or abs(score[g, c] - score[w, c]) <= tol * max(1.0, abs(score[w, c])), (c, got[c], want[c])
+
+
+def test_top_and_bottom_k_equal_brute_force(catalog, brute):
+    _, result, store = catalog
+    assert set(result["layers"]) == set(LAYERS)
+    for layer in LAYERS:
+        score = brute["score"][layer]
+        top = store.read(f"catalog/{layer}/top_index")
+        assert top.shape == (score.shape[1], K)
+        assert_same_ranking(top, expected_ranking(score, K, True), score)
+        assert_same_ranking(store.read(f"catalog/{layer}/bottom_index"), expected_ranking(score, KB, False), score)
+        values = store.read(f"catalog/{layer}/top_value")
+        assert np.allclose(values, np.take_along_axis(score.T, top, 1), rtol=1e-4, atol=1e-4)
+        assert np.allclose(store.read(f"catalog/{layer}/stats/mean"), score.mean(0), rtol=1e-4, atol=1e-4)
+        assert np.allclose(store.read(f"catalog/{layer}/stats/max"), score.max(0), rtol=1e-4, atol=1e-4)
+        assert np.array_equal(store.read(f"catalog/{layer}/stats/rate"), (score > 0).mean(0).astype(np.float32))
+        # the argmax position is the brute-force map's argmax
+        yx = store.read(f"catalog/{layer}/top_yx")
+        maps = brute["maps"][layer]
+        for c in range(0, score.shape[1], 7):
+            i, (y, x) = top[c, 0], yx[c, 0]
+            assert maps[i, c, y, x] == pytest.approx(maps[i, c].max(), rel=1e-4, abs=1e-4)
+        attrs = store.attrs(f"catalog/{layer}/top_index")
+        assert attrs["model"] == "efficientnet_lite0" and len(attrs["weights_sha256"]) == 64
+        stats = store.attrs(f"catalog/{layer}/stats")
+        assert len(stats["quantiles"]) == score.shape[1] and len(stats["class_selectivity"]) == score.shape[1]
+
+
+def test_patches_are_the_receptive_field_of_the_argmax(catalog, brute, model):
+    _, _, store = catalog
+    rfs = receptive_fields(model)
+    layer = "_blocks.5"
+    top, yx = store.read(f"catalog/{layer}/top_index"), store.read(f"catalog/{layer}/top_yx")
+    patches = store.read(f"catalog/{layer}/top_patch")
+    size = patches.shape[2]
+    checked = 0
+    for c in range(patches.shape[0]):
+        y0, x0, y1, x1 = rfs[layer].box(*yx[c, 0], 224, 224)
+        if (y1 - y0, x1 - x0) != rfs[layer].size:
+            continue  # border boxes are padded; interior ones are a plain resize of the crop
+        crop = Image.fromarray(brute["images"][top[c, 0]][y0:y1, x0:x1]).resize((size, size), Image.BILINEAR)
+        assert np.abs(patches[c, 0].astype(int) - np.asarray(crop, int)).mean() < 4, c
+        checked += 1
+    assert checked >= 5
+    assert store.read(f"catalog/{layer}/projection").shape[0] == 4
+    assert store.read(f"catalog/{layer}/projection")[0].std() > 0
+    assert store.has("catalog/first_layer_filters")
+
+
+def test_atlas_pages(catalog):
+    tmp, result, store = catalog
+    site = tmp / "threads-report"
+    index = (site / "catalog" / "index.html").read_text()
+    for layer in LAYERS:
+        assert layer in index
+        units = store.read(f"catalog/{layer}/top_index").shape[0]
+        assert len(list((site / "catalog" / layer).glob("unit-*.html"))) == units
+        page = (site / "catalog" / layer / "unit-0.html").read_text()
+        top = store.read(f"catalog/{layer}/top_index")[0]
+        paths = Store(result["store"]).read_manifest()["path"]
+        assert paths.iloc[top[0]] in page and "Bottom 4 images" in page
+        for order in ("unit", "selectivity", "rate"):
+            assert (site / "catalog" / layer / f"units-{order}-1.html").exists()
+    assert "Catalogue" in (site / "index.html").read_text()
+
+
+def test_resumed_run_reloads_shard_states_and_ends_identical(catalog, shared_images):
+    tmp, result, store = catalog
+    copy = tmp / "resumed.zarr"
+    shutil.copytree(result["store"], copy)
+    markers = copy / "_shards" / JOB
+    (markers / "1.json").unlink()  # shard 1 is redone, shards 0, 2, 3 are reloaded from their npz
+    stamp = (markers / "0.npz").stat().st_mtime_ns
+    for name in ARRAYS:  # the reduced statistics must be rebuilt from the shard states
+        if not name.endswith(("_patch", "overlay", "projection")):
+            Store(copy).delete(name)
+    again = run(tmp, "resumed", shared_images)
+    assert (markers / "0.npz").stat().st_mtime_ns == stamp
+    for name in ARRAYS:
+        assert np.array_equal(store.read(name), Store(again["store"]).read(name), equal_nan=True), name
+
+
+@pytest.mark.slow  # starts a LocalCluster whose worker loads the model: minutes on a busy 2-core machine
+def test_threads_and_dask_give_the_same_catalogue(catalog, shared_images):
+    tmp, _, store = catalog
+    other = Store(run(tmp, "dask", shared_images, runner="dask")["store"], mode="r")
+    for name in ARRAYS:
+        assert np.array_equal(store.read(name), other.read(name), equal_nan=True), name
+
+
+def test_cli_rejects_bad_layers_and_k(tmp_path, shared_images):
+    for args in (["--layers", "_blocks.99"], ["--top-k", "0"], ["--layers", " , "]):
+        out = subprocess.run(neurocat_cmd() + ["catalog", "--data", str(shared_images), "--store",
+                                               str(tmp_path / "x.zarr"), "--json"] + args,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr and out.stdout == ""
