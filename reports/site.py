@@ -33,6 +33,8 @@ What a builder can use on `site` (all paths are relative to the report folder, '
                                        once per report, named by content hash, shared by
                                        every section; None for a skipped/unreadable image
     site.figure(matplotlib figure, rel) -> rel              a PNG plot
+    {{ value | fmt }}                  a float to 4 significant digits, a list as "a, b",
+                                       a mapping as "k=v, ...", None as "–"
     {% from "_macros.html" import thumb %}{{ thumb(root, rel, alt, size) }}
                                        an <img loading="lazy"> with width/height set (rel None:
                                        a placeholder)
@@ -135,6 +137,17 @@ def relative_href(target: str, from_page: str) -> str:
     return posixpath.relpath(target, posixpath.dirname(from_page) or ".")
 
 
+def fmt(value: Any) -> str:
+    """A parameter or fact as people read it: 0.7959, `a, b` for lists, `k=v` for mappings."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
+    return "–" if value is None else str(value)
+
+
 def one_line(exc: BaseException) -> str:
     """`Type: message` of an exception, first line only, for the index and the artifacts."""
     text = str(exc).strip().splitlines()
@@ -153,6 +166,7 @@ class Site:
             autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
             undefined=jinja2.StrictUndefined,
         )
+        self.env.filters["fmt"] = fmt
         self.sections: list[Section] = []
         self.pages: list[str] = []
         self._manifest: pd.DataFrame | None = None

@@ -81,7 +81,8 @@ def build(site: Site) -> Section | None:
     all_pages = site.paginate(rows, PER_PAGE, "predict/all-{page}.html", "predict_list.html",
                               title="Predictions: all images", heading="All images", thumb_size=THUMB)
     wrong_pages = site.paginate(wrong_rows, PER_PAGE, "predict/wrong-{page}.html", "predict_list.html",
-                                title="Predictions: misclassified", heading="Misclassified images", thumb_size=THUMB)
+                                title="Predictions: misclassified", heading="Misclassified images",
+                                thumb_size=THUMB) if wrong_rows else [None]
     figure = site.figure(confidence_figure(table), "predict/confidence.png")
     facts = {"images": len(table), "top-1 accuracy": None if top1 is None else round(top1, 4),
              "misclassified": len(wrong), "mean top-1 probability": round(float(table["prob"].mean()), 4)}

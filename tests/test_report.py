@@ -1,0 +1,378 @@
+"""The HTML report: built from real runs (demo data, hostile file names, an empty folder),
+crawled page by page in headless Chromium, plus the framework's paging, failure isolation,
+the comparison of two runs and the Prefect artifacts."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from badfiles import HOSTILE_NAMES, make_bad_folder
+from conftest import ROOT, cli_env, neurocat_cmd
+from flows.common import RunOptions
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-dev-shm-usage"]
+LAPTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}
+
+
+# ---- runs the reports are built from ---------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_run(prefect_api, tmp_path_factory):
+    """The demo flow on the shipped data: every section that exists today is in its report."""
+    from flows.demo import demo_flow
+
+    tmp = tmp_path_factory.mktemp("demo")
+    result = demo_flow(RunOptions(store=str(tmp / "demo.zarr"), report=str(tmp / "demo-report")))
+    return {"store": Path(result["store"]), "report": Path(result["report"]).parent}
+
+
+@pytest.fixture(scope="module")
+def predict_run(prefect_api, tmp_path_factory):
+    """Only the predict flow on the shipped data: a cheap real run for the framework's tests."""
+    from flows.predict import predict_flow
+
+    tmp = tmp_path_factory.mktemp("predict")
+    result = predict_flow(RunOptions(data=str(ROOT / "neurocat" / "demo_data"), store=str(tmp / "p.zarr"),
+                                     report=str(tmp / "p-report")))
+    return {"store": Path(result["store"]), "report": Path(result["report"]).parent}
+
+
+@pytest.fixture(scope="module")
+def hostile_run(prefect_api, tmp_path_factory, shared_images):
+    from flows.predict import predict_flow
+
+    tmp = tmp_path_factory.mktemp("hostile")
+    expected = make_bad_folder(tmp / "data", shared_images / "n01440764/n01440764_tench.JPEG")
+    result = predict_flow(RunOptions(data=str(tmp / "data"), store=str(tmp / "h.zarr"), report=str(tmp / "h-report")))
+    return {"store": Path(result["store"]), "report": Path(result["report"]).parent, "expected": expected}
+
+
+@pytest.fixture(scope="module")
+def skipped_only_run(prefect_api, tmp_path_factory):
+    """A dataset whose every file is unusable: the report must render and say why."""
+    from flows.predict import predict_flow
+
+    tmp = tmp_path_factory.mktemp("skipped")
+    (tmp / "data" / "n01440764").mkdir(parents=True)
+    (tmp / "data" / "n01440764" / "empty.jpg").write_bytes(b"")
+    (tmp / "data" / "n01440764" / "notes.jpg").write_text("not an image\n")
+    result = predict_flow(RunOptions(data=str(tmp / "data"), store=str(tmp / "s.zarr"), report=str(tmp / "s-report")))
+    return {"store": Path(result["store"]), "report": Path(result["report"]).parent}
+
+
+# ---- the browser -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        message = f"chromium not found at {CHROMIUM} (run `make browser`)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def load_all_images(page) -> None:
+    """Thumbnails are lazy: make every one load now and wait until each has decoded or failed.
+    (A function, not a string, so the pages' CSP, which forbids eval, does not block it.)"""
+    page.evaluate("""async () => {
+        const imgs = Array.from(document.images);
+        for (const i of imgs) i.loading = 'eager';
+        await Promise.allSettled(imgs.map(i => i.decode()));
+    }""")
+
+
+class Crawl:
+    """Visits every page reachable from a start URL and records what went wrong on the way."""
+
+    def __init__(self, browser, viewport=LAPTOP):
+        self.context = browser.new_context(viewport=viewport)
+        self.page = self.context.new_page()
+        self.problems: list[str] = []
+        self.dialogs: list[str] = []
+        self.texts: dict[str, str] = {}
+        self.pages: list[str] = []
+        self.page.on("console", lambda m: self.problems.append(f"console {m.type}: {m.text} ({self.page.url})")
+                     if m.type in ("error", "warning") else None)
+        self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        self.page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url} {r.failure}"))
+        self.page.on("response", lambda r: self.problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+        self.page.on("dialog", self._dialog)
+
+    def _dialog(self, dialog):
+        self.dialogs.append(f"{dialog.type}: {dialog.message} on {self.page.url}")
+        dialog.dismiss()
+
+    def _exists(self, url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "file":
+            return Path(urllib.request.url2pathname(parts.path)).is_file()
+        return self.context.request.get(url).status == 200
+
+    def run(self, start: str, max_depth: int | None = None) -> "Crawl":
+        """Breadth-first from `start`; `max_depth` clicks at most (None: every reachable page)."""
+        base = start.rsplit("/", 1)[0] + "/"
+        todo, seen = collections.deque([(start, 0)]), {start}
+        while todo:
+            url, depth = todo.popleft()
+            self.page.goto(url, wait_until="load")
+            # thumbnails are lazy: make every one load now, then check that each decoded
+            load_all_images(self.page)
+            for src in self.page.evaluate(
+                    "Array.from(document.images).filter(i => !(i.naturalWidth > 0)).map(i => i.src)"):
+                self.problems.append(f"image did not decode: {src} on {url}")
+            self.texts[url] = self.page.inner_text("body")
+            if self.page.evaluate("document.scripts.length || Array.from(document.querySelectorAll('*'))"
+                                  ".some(e => Array.from(e.attributes).some(a => a.name.startsWith('on')))"):
+                self.problems.append(f"a script element or an on* handler attribute on {url}")
+            ids = set(self.page.evaluate("Array.from(document.querySelectorAll('[id]')).map(e => e.id)"))
+            for raw, href in self.page.evaluate(
+                    "Array.from(document.querySelectorAll('a[href]')).map(a => [a.getAttribute('href'), a.href])"):
+                if not href.startswith(base):
+                    self.problems.append(f"link leaves the report: {raw!r} on {url}")
+                    continue
+                target, _, fragment = href.partition("#")
+                if target == url and fragment:
+                    if fragment not in ids:
+                        self.problems.append(f"missing anchor #{fragment} on {url}")
+                if target.endswith(".html"):
+                    if target not in seen and (max_depth is None or depth < max_depth):
+                        seen.add(target)
+                        todo.append((target, depth + 1))
+                elif target != url and not self._exists(target):
+                    self.problems.append(f"broken link {raw!r} on {url}")
+            for attr in self.page.evaluate(
+                    "Array.from(document.querySelectorAll('[src],[href]')).map(e => e.getAttribute('src') || e.getAttribute('href'))"):
+                if re.match(r"^(https?:)?//", attr):
+                    self.problems.append(f"external URL {attr!r} on {url}")
+        self.pages = sorted(set(self.pages) | seen)
+        return self
+
+    def shoot(self, url: str, name: str, viewport=LAPTOP) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.page.set_viewport_size(viewport)
+        self.page.goto(url, wait_until="load")
+        load_all_images(self.page)
+        path = ARTIFACTS / name
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def close(self):
+        self.context.close()
+
+
+def crawl(browser, start: str, viewport=LAPTOP, max_depth: int | None = None) -> Crawl:
+    c = Crawl(browser, viewport)
+    try:
+        return c.run(start, max_depth)
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def http_root():
+    """Serve a folder with the standard library's static server (what `python -m http.server` runs)."""
+    servers = []
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(QuietHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield serve
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+# ---- browser tests ---------------------------------------------------------------------
+@pytest.mark.browser
+def test_demo_report_every_page_loads_from_file_and_http(browser, demo_run, http_root):
+    report = demo_run["report"]
+    index = (report / "index.html").as_uri()
+    c = Crawl(browser)
+    try:
+        c.run(index)
+        reached = set(c.pages)
+        orphans = sorted(p.as_uri() for p in report.rglob("*.html") if p.as_uri() not in reached)
+        for page in orphans:  # pages no link reaches are still checked
+            c.run(page, max_depth=0)
+        assert not c.problems, "\n".join(c.problems[:20])
+        assert {report / "predict.html", report / "predict" / "all-1.html"} <= {Path(urllib.request.url2pathname(
+            urllib.parse.urlsplit(u).path)) for u in reached}
+        assert not [o for o in orphans if "/predict" in o], orphans
+        first_section = (report / "predict.html").as_uri()
+        shots = [c.shoot(index, "report-index-laptop.png"), c.shoot(index, "report-index-phone.png", PHONE),
+                 c.shoot(first_section, "report-predict-laptop.png"),
+                 c.shoot(first_section, "report-predict-phone.png", PHONE)]
+        assert all(p.stat().st_size > 10_000 for p in shots)
+    finally:
+        c.close()
+    # the same site from a static web server: the index, every section and the pages they link
+    over_http = crawl(browser, http_root(report) + "index.html", max_depth=2)
+    assert not over_http.problems, "\n".join(over_http.problems[:20])
+    assert len(over_http.pages) > 4
+
+
+@pytest.mark.browser
+def test_hostile_file_names_are_shown_literally_and_run_no_script(browser, hostile_run):
+    report = hostile_run["report"]
+    c = crawl(browser, (report / "index.html").as_uri(), PHONE)
+    assert not c.dialogs, c.dialogs
+    assert not c.problems, "\n".join(c.problems[:20])
+    text = "\n".join(c.texts.values())
+    for name in HOSTILE_NAMES:
+        assert f"n01440764/{name}" in text, name
+    skipped = [p for p, s in hostile_run["expected"].items() if s == "skipped"]
+    index_text = next(t for u, t in c.texts.items() if u.endswith("/index.html"))
+    assert all(p in index_text for p in skipped)
+
+
+@pytest.mark.browser
+def test_run_without_usable_images_renders_and_says_why(browser, skipped_only_run):
+    index = (skipped_only_run["report"] / "index.html").as_uri()
+    c = crawl(browser, index)
+    assert not c.problems, c.problems
+    text = c.texts[index]
+    assert "no usable image" in text and "all skipped" in text
+    assert "predict skipped: no usable image: all 2 files were skipped" in text
+    assert "n01440764/empty.jpg" in text and "empty file" in text
+
+
+@pytest.mark.browser
+def test_failing_and_skipped_sections_do_not_stop_the_report(browser, predict_run, tmp_path, monkeypatch):
+    from reports.site import build_report
+
+    package = tmp_path / "extra_sections"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "broken_section.py").write_text(
+        "def build(site):\n    return site.store.read('catalog/no_such_layer/top_value')\n")
+    (package / "empty_section.py").write_text(
+        "from reports.site import SectionSkipped\n"
+        "def build(site):\n    raise SectionSkipped('no layer was catalogued in this run')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    report = build_report(predict_run["store"], tmp_path / "out",
+                          ["extra_sections.broken_section", "predict", "extra_sections.empty_section"])
+    states = {st.key: st for st in report.statuses}
+    assert states["broken_section"].state == "failed" and "KeyError" in states["broken_section"].reason
+    assert states["empty_section"].state == "skipped"
+    assert states["predict"].state == "built"
+    c = crawl(browser, report.index.as_uri())
+    assert not c.problems, c.problems
+    text = c.texts[report.index.as_uri()]
+    assert f"broken_section failed: {states['broken_section'].reason}" in text
+    assert "empty_section skipped: no layer was catalogued in this run" in text
+    assert any(u.endswith("predict/all-1.html") for u in c.pages)
+
+
+# ---- the framework, the predictions pages, the comparison, the artifacts ---------------
+def test_paginate_splits_items_and_links_pages(tmp_path, predict_run):
+    from reports.site import Site
+    from storage.store import Store
+
+    site = Site(Store(predict_run["store"], mode="r"), tmp_path)
+    items = [{"path": f"img-{i}", "reason": "r"} for i in range(250)]
+    names = site.paginate(items, 100, "deep/list/p-{page}.html", "skipped.html", title="t")
+    assert names == ["deep/list/p-1.html", "deep/list/p-2.html", "deep/list/p-3.html"]
+    seen = []
+    for name in names:
+        html = (tmp_path / name).read_text()
+        seen += re.findall(r'<td class="path">(img-\d+)</td>', html)
+        assert 'href="../../style.css"' in html
+    assert seen == [it["path"] for it in items]
+    second = (tmp_path / names[1]).read_text()
+    assert 'href="p-1.html" rel="prev"' in second and 'href="p-3.html" rel="next"' in second
+    assert site.paginate([], 10, "none-{page}.html", "skipped.html", title="t") == ["none-1.html"]
+
+
+def test_predict_pages_list_every_image_once(predict_run):
+    report = predict_run["report"]
+    table = pd.read_csv(report / "predictions.csv")
+
+    def listed(prefix):
+        rows = []
+        for page in sorted((report / "predict").glob(f"{prefix}-*.html"), key=lambda p: int(p.stem.split("-")[1])):
+            html = page.read_text()
+            found = re.findall(r'<td class="path">([^<]*)</td>', html)
+            assert len(found) <= 100
+            assert all('loading="lazy"' in img for img in re.findall(r"<img [^>]*>", html))
+            rows += found
+        return rows
+
+    assert listed("all") == table["path"].tolist()
+    wrong = table[table["label"] != table["pred_wnid"]]
+    assert sorted(listed("wrong")) == sorted(wrong["path"])
+
+
+def test_comparison_of_two_runs_from_the_cli(prefect_api, predict_run, tmp_path):
+    from flows.predict import predict_flow
+
+    b = predict_flow(RunOptions(data=str(ROOT / "neurocat" / "demo_data"), limit=30, store=str(tmp_path / "b.zarr"),
+                                report=str(tmp_path / "b-report")))
+    out = subprocess.run(neurocat_cmd() + ["report", "--store", str(predict_run["store"]), "--compare", b["store"],
+                                           "--out", str(tmp_path / "cmp"), "--json"],
+                         capture_output=True, text=True, env=cli_env(prefect_api), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout)["report"] == str(tmp_path / "cmp" / "index.html")
+    # the expected numbers, straight from the two runs' predictions.csv (same data: same paths)
+    pa = pd.read_csv(predict_run["report"] / "predictions.csv")
+    pb = pd.read_csv(tmp_path / "b-report" / "predictions.csv")
+    both = pa.merge(pb, on="path", suffixes=("_a", "_b"))
+    agreement = (both["pred_wnid_a"] == both["pred_wnid_b"]).mean()
+    top1_b = (both["label_b"] == both["pred_wnid_b"]).mean()
+    page = (tmp_path / "cmp" / "predict.html").read_text()
+    assert f"<tr><th>shared images (same bytes)</th><td>{len(both)}</td></tr>" in page
+    assert f"<tr><th>top-1 agreement</th><td>{round(agreement, 4)}</td></tr>" in page
+    assert f"<tr><th>top-1 accuracy B</th><td>{round(top1_b, 4)}</td></tr>" in page
+    index = (tmp_path / "cmp" / "index.html").read_text()
+    assert 'href="predict.html"' in index and "predict · limit" in index
+    bad = subprocess.run(neurocat_cmd() + ["report", "--store", str(predict_run["store"]), "--compare",
+                                           str(tmp_path / "missing.zarr")], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "no neurocat store" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_run_publishes_summary_table_and_link_artifacts(prefect_api, predict_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.report import _artifact_key
+
+    key = _artifact_key(str(predict_run["store"]))
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key, key + "-sections", key + "-timings", key + "-link"])))
+    by_key = {a.key: a for a in found}
+    assert by_key[key].type == "markdown" and "images usable: 49 of 50" in by_key[key].data
+    assert by_key[key + "-sections"].type == "table" and "predict" in json.dumps(by_key[key + "-sections"].data)
+    assert by_key[key + "-timings"].type == "table"
+    link = by_key[key + "-link"]
+    # Prefect stores a link artifact as markdown: [text](url)
+    assert link.data == f"[HTML report]({(predict_run['report'] / 'index.html').resolve().as_uri()})"
