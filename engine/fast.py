@@ -193,6 +193,7 @@ def _use_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
 
 
+MIN_COMPILED_BATCH = 8
 COLD_COMPILE_S = 60.0  # first compilation of EfficientNet-Lite0 on the 2-core machine
 
 
@@ -242,6 +243,7 @@ class FastModel:
             self.graph.to(memory_format=torch.channels_last)
         self.compiled = None
         self.compiled_batch = 0
+        self.compiled_shape: torch.Size | None = None
         self.compile_seconds: float | None = None
         self.eager_seconds = 0.0
         if self.graph is not None and options.compile is not False:
@@ -295,21 +297,30 @@ class FastModel:
         return torch.autocast(self.model.device.type, dtype=dtype)
 
     def _run(self, x: torch.Tensor):
-        if self.compiled is None:
+        if not self._use_compiled(x):
             start = time.perf_counter()
             out = self.graph(x)
             self.eager_seconds += time.perf_counter() - start
             if self.options.compile is None and self.eager_seconds >= self.record.expected_seconds():
                 self._compile()  # ski rental: compiling now costs at most what eager already cost
             return out
-        if not self.compiled_batch:
-            self.compiled_batch = len(x)
+        if not self.compiled_batch:  # the first call compiles, for this input shape only
+            self.compiled_batch, self.compiled_shape = len(x), x.shape[1:]
             start = time.perf_counter()
             out = self.compiled(x)
             self.compile_seconds = time.perf_counter() - start
             self.record.save(self.compile_seconds)
             return out
         return self._run_fixed_batch(x)
+
+    def _use_compiled(self, x: torch.Tensor) -> bool:
+        """Compiled graphs are specialised to one input shape and batch size B (the first batch
+        of at least MIN_COMPILED_BATCH); batches under B/2 (shape probes) run the folded graph."""
+        if self.compiled is None:
+            return False
+        if not self.compiled_batch:
+            return len(x) >= MIN_COMPILED_BATCH
+        return x.shape[1:] == self.compiled_shape and 2 * len(x) >= self.compiled_batch
 
     def _run_fixed_batch(self, x: torch.Tensor):
         n, b = len(x), self.compiled_batch

@@ -119,7 +119,7 @@ def _saliency(forward, x):
 
 def test_saliency_through_the_fast_path_matches_eager(model, shared_batch):
     """Gradients w.r.t. the input: folding is exact for them too (Grad-CAM, renders)."""
-    x = shared_batch[:4]
+    x = shared_batch[:2]
     fm = fast_module(model, ("_conv_head",), for_grad=True, options=NO_COMPILE)
     ours = _saliency(lambda t: fm(t)[0], x)
     ref = _saliency(model.module, x)
@@ -140,3 +140,19 @@ def test_mixed_precision_is_opt_in_and_keeps_top1(model, shared_batch, eager):
     assert logits.dtype == torch.float32
     agree = (logits.argmax(1) == eager[0][:16].argmax(1)).float().mean().item()
     assert agree >= 0.9
+
+
+def test_catalogue_top_k_is_the_same(model, shared_batch, eager):
+    """The catalogue's per-unit top-K / bottom-K images and argmax positions, fast vs eager."""
+    from engine.topk import ChannelStats
+
+    _, acts = run_model(model, shared_batch, ("_blocks.5", "_blocks.15"), fast=NO_COMPILE)
+    index = np.arange(len(shared_batch))
+    for layer in ("_blocks.5", "_blocks.15"):
+        ours, ref = (ChannelStats.empty(a.shape[1], tuple(a.shape[2:]), 4, 2) for a in (acts[layer],) * 2)
+        ours.add(acts[layer], index)
+        ref.add(eager[1][layer], index)
+        np.testing.assert_array_equal(ours.top_index, ref.top_index)
+        np.testing.assert_array_equal(ours.bottom_index, ref.bottom_index)
+        np.testing.assert_array_equal(ours.top_yx, ref.top_yx)
+        np.testing.assert_allclose(ours.top_value, ref.top_value, atol=1e-3)

@@ -1,0 +1,158 @@
+"""images/s of plain eager PyTorch vs the fast model path (engine/fast.py), in one run.
+
+Forward and forward+backward (an input-gradient saliency pass) over the same decoded
+images: plain eager, the folded form (BN + padding folded, channels-last; the default for
+short runs) and the compiled form (torch.compile; its compile time is printed apart).
+Variants run interleaved, several repeats, best of each, because other processes share
+the CPU. Then `neurocat catalog` end to end (the flow in process: scan, decode, forward,
+stats, patches, report) against the plain eager forward measured here.
+Usage: python bench/model_path.py [--images 64] [--repeats 3] [--e2e-limit 250] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def images_per_second(step, x, batch_size: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        step(x[i:i + batch_size])
+    return len(x) / (time.perf_counter() - t0)
+
+
+def forward_steps(model, compile_: bool) -> dict:
+    import torch
+
+    from engine.fast import FastOptions, fast_module
+
+    def eager(x):
+        with torch.inference_mode():
+            model.module(x)
+
+    def fast(options):
+        fm = fast_module(model, options=options)
+
+        def step(x):
+            with torch.inference_mode():
+                fm(x)
+        return step
+
+    steps = {"plain eager": eager, "fast, folded": fast(FastOptions(compile=False))}
+    if compile_:
+        steps["fast, compiled"] = fast(FastOptions(compile=True))
+    return steps
+
+
+def backward_steps(model, compile_: bool) -> dict:
+    from engine.fast import FastOptions, fast_module
+
+    def saliency(forward):
+        def step(x):
+            x = x.clone().requires_grad_(True)
+            logits = forward(x)
+            logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+        return step
+
+    steps = {"plain eager": saliency(model.module),
+             "fast, folded": saliency(lambda x: fast_module(model, for_grad=True,
+                                                            options=FastOptions(compile=False))(x)[0])}
+    if compile_:
+        steps["fast, compiled"] = saliency(lambda x: fast_module(model, for_grad=True,
+                                                                 options=FastOptions(compile=True))(x)[0])
+    return steps
+
+
+def race(steps: dict, x, batch_size: int, repeats: int) -> dict:
+    """Best images/s of each step, after one warm-up pass each (where compilation happens)."""
+    warmup = {}
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        step(x[:batch_size])
+        warmup[name] = time.perf_counter() - t0
+    best = {name: 0.0 for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            best[name] = max(best[name], images_per_second(step, x, batch_size))
+    return {"best": best, "warmup": warmup}
+
+
+def print_race(title: str, result: dict, baseline: str = "plain eager") -> None:
+    print(f"\n{title}")
+    base = result["best"][baseline]
+    for name, ips in result["best"].items():
+        print(f"  {name:16s} {ips:7.1f} images/s  x{ips / base:5.2f}   (first batch {result['warmup'][name]:6.1f} s)")
+
+
+def catalog_end_to_end(data: str, limit: int, batch_size: int, fast: bool) -> float:
+    from flows.catalog import catalog_flow
+    from flows.common import RunOptions
+
+    os.environ["NEUROCAT_FAST"] = "1" if fast else "0"
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = RunOptions(data=data, store=f"{tmp}/c.zarr", report=f"{tmp}/report", limit=limit,
+                          batch_size=batch_size)
+        t0 = time.perf_counter()
+        catalog_flow(opts, ["_blocks.5", "_blocks.10"], 16, 8, 0, None, "guided")
+        seconds = time.perf_counter() - t0
+    os.environ.pop("NEUROCAT_FAST")
+    return limit / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-250"))
+    ap.add_argument("--images", type=int, default=64, help="decoded images per forward/backward pass")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--e2e-limit", type=int, default=250, help="images of the end-to-end catalogue run (0: skip)")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled variants")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from engine.fast import compile_cache_dir
+    from engine.images import list_images, load_preprocessed
+    from engine.models import cached_model
+
+    model = cached_model("efficientnet_lite0")
+    entries = list_images(args.data)[: args.images]
+    x = model.preprocessing.normalize(torch.from_numpy(np.stack(
+        [load_preprocessed(Path(args.data) / e.path, model.preprocessing) for e in entries])))
+    print(f"images={len(x)} batch={args.batch_size} torch_threads={torch.get_num_threads()} "
+          f"repeats={args.repeats} compile cache={compile_cache_dir()}")
+
+    fwd = race(forward_steps(model, not args.no_compile), x, args.batch_size, args.repeats)
+    print_race("forward (inference)", fwd)
+    bwd = race(backward_steps(model, not args.no_compile), x, args.batch_size, args.repeats)
+    print_race("forward + backward (input-gradient saliency)", bwd)
+
+    if args.e2e_limit:
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=180):
+            catalog_end_to_end(args.data, args.batch_size, args.batch_size, True)  # warm-up: Prefect, imports
+            e2e = catalog_end_to_end(args.data, args.e2e_limit, args.batch_size, True)
+            e2e_eager = catalog_end_to_end(args.data, args.e2e_limit, args.batch_size, False)
+        eager_fwd = fwd["best"]["plain eager"]
+        print(f"\nneurocat catalog end to end, {args.e2e_limit} images (scan, decode, forward, stats, patches, report)")
+        print(f"  fast path (default)   {e2e:7.1f} images/s  x{e2e / eager_fwd:5.2f} of plain eager forward")
+        print(f"  NEUROCAT_FAST=0       {e2e_eager:7.1f} images/s  x{e2e_eager / eager_fwd:5.2f} of plain eager forward")
+
+
+if __name__ == "__main__":
+    main()
