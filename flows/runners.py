@@ -37,11 +37,11 @@ def _dask_runner(**kwargs):
     return DaskTaskRunner(**kwargs)
 
 
-def local_cluster_kwargs(workers: int | None = None) -> dict:
+def local_cluster_kwargs(workers: int | None = None, torch_threads: int | None = None) -> dict:
     """A CPU LocalCluster of `workers` processes, one Dask thread each, torch threads split."""
     cpus = os.cpu_count() or 1
     n = workers or 1
-    threads = str(max(1, cpus // n))
+    threads = str(torch_threads or max(1, cpus // n))
     return {"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
             "preload": ["engine.worker"],
             "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "NEUROCAT_TORCH_THREADS": threads}}

@@ -1,0 +1,83 @@
+"""Scale-out on this machine: catalogue throughput with 1 vs 2 Dask workers, and per-task overhead.
+
+In one run: (1) `catalog` of one layer (K=16) on a LocalCluster of 1 worker and of 2
+workers, 1 Dask thread and 1 torch thread each, images/s and the speed-up; (2) the cost
+of one Prefect task on the Dask runner (no-op tasks) against a raw `client.submit`.
+Usage: python bench/scale.py [--data DIR] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prefect import flow, task  # noqa: E402
+
+
+@task
+def noop(i: int) -> int:
+    return i
+
+
+@flow
+def many_noops(n: int) -> float:
+    t0 = time.perf_counter()
+    futures = [noop.submit(i) for i in range(n)]
+    [f.result() for f in futures]
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-250"))
+    ap.add_argument("--limit", type=int, default=128)
+    ap.add_argument("--tasks", type=int, default=60)
+    args = ap.parse_args()
+
+    from distributed import Client, LocalCluster
+    from prefect.testing.utilities import prefect_test_harness
+    from prefect_dask import DaskTaskRunner
+
+    from flows.catalog import catalog_flow
+    from flows.common import RunOptions
+    from flows.runners import local_cluster_kwargs
+
+    results = {}
+    with prefect_test_harness(server_startup_timeout=180), tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, 2):
+            runner = DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                                    cluster_kwargs=local_cluster_kwargs(workers, torch_threads=1))
+            opts = RunOptions(data=args.data, store=f"{tmp}/w{workers}.zarr", limit=args.limit, shard_size=16,
+                              batch_size=16, runner="dask", workers=workers)
+            t0 = time.perf_counter()
+            catalog_flow.with_options(task_runner=runner)(opts, layers=("_blocks.10",), top_k=16, bottom_k=0,
+                                                          projections=0)
+            results[workers] = args.limit / (time.perf_counter() - t0)
+        runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(1))
+        prefect_per_task = many_noops.with_options(task_runner=runner)(args.tasks)
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as c:
+        c.submit(int, 0).result()
+        t0 = time.perf_counter()
+        c.gather([c.submit(int, i, pure=False) for i in range(args.tasks)])
+        dask_per_task = (time.perf_counter() - t0) / args.tasks
+
+    print(f"images={args.limit} layer=_blocks.10 K=16 shard=16, 1 Dask thread + 1 torch thread per worker")
+    print(f"catalog, 1 worker    {results[1]:6.2f} images/s (end to end, cluster start included)")
+    print(f"catalog, 2 workers   {results[2]:6.2f} images/s")
+    print(f"speed-up 2 vs 1      {results[2] / results[1]:6.2f}x")
+    print(f"per-task overhead: Prefect task on Dask {prefect_per_task * 1e3:7.1f} ms, raw dask submit "
+          f"{dask_per_task * 1e3:6.2f} ms, ratio {prefect_per_task / dask_per_task:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()
