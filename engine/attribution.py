@@ -34,6 +34,7 @@ from engine.hooks import forward_hooks
 from engine.inference import run_model
 from engine.models import LoadedModel
 
+ADAPTIVE_SHARE = 0.75  # share of IG nodes placed by the change of the score (the rest uniformly)
 METHODS = ("saliency", "guided_backprop", "gradcam", "guided_gradcam", "cam", "occlusion",
            "integrated_gradients", "smoothgrad")
 
@@ -206,29 +207,70 @@ def cam(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, chunk: int =
     return out
 
 
+def path_nodes(model: LoadedModel, x: torch.Tensor, base: torch.Tensor, targets: torch.Tensor, steps: int,
+               method: str = "adaptive", chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quadrature nodes and weights [B, steps] on alpha in [0, 1] for the IG path integral.
+
+    `gausslegendre`: the same nodes for every image (Captum's default, to compare with it).
+    `adaptive`: the target score along the path is a steep rise over the first few percent
+    of alpha, then a plateau, so fixed nodes waste most gradients on the plateau. One cheap
+    forward pass on a uniform grid (`steps` // 2 + 1 points) measures where S_t changes; the
+    nodes are midpoints of cells of equal mass of |dS_t| (half of it spread uniformly), so
+    each image gets the nodes where its own path needs them."""
+    B = len(x)
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        alphas = torch.tensor(0.5 * (nodes + 1), dtype=x.dtype, device=x.device)
+        return alphas.expand(B, steps), torch.tensor(0.5 * weights, dtype=x.dtype, device=x.device).expand(B, steps)
+    if method != "adaptive":
+        raise InputError(f"unknown integration method {method!r}: use adaptive or gausslegendre")
+    K = max(2, steps // 2)
+    grid = torch.linspace(0, 1, K + 1, device=x.device, dtype=x.dtype) ** 2  # denser where the rise is
+    pts = (base[:, None] + grid.view(1, -1, 1, 1, 1) * (x - base)[:, None]).flatten(0, 1)
+    scores = torch.empty(B * (K + 1), device=x.device, dtype=x.dtype)
+    flat_targets = targets.repeat_interleave(K + 1)
+    with torch.inference_mode():
+        for sl in _chunks(len(pts), chunk):
+            logits, _ = run_model(model, pts[sl])
+            scores[sl] = logits.gather(1, flat_targets[sl, None])[:, 0]
+    change = scores.view(B, K + 1).diff(dim=1).abs()
+    mass = ADAPTIVE_SHARE * change / change.sum(1, keepdim=True).clamp(min=1e-12) + (1 - ADAPTIVE_SHARE) * grid.diff()
+    cdf = torch.cat([torch.zeros(B, 1, device=x.device, dtype=x.dtype), mass.cumsum(1)], 1)
+    cdf[:, -1] = 1.0
+
+    def inverse(u):  # u [B, M] -> alpha where the piecewise-linear cdf reaches u
+        cell = torch.searchsorted(cdf.contiguous(), u.contiguous()).clamp(1, K) - 1
+        lo, hi = cdf.gather(1, cell), cdf.gather(1, cell + 1)
+        return grid[cell] + (u - lo) / (hi - lo).clamp(min=1e-12) * (grid[cell + 1] - grid[cell])
+
+    u = torch.arange(steps + 1, device=x.device, dtype=x.dtype) / steps
+    edges = inverse(u.expand(B, -1))
+    edges[:, 0], edges[:, -1] = 0.0, 1.0
+    mids = inverse(((u[:-1] + u[1:]) / 2).expand(B, -1))
+    return mids, edges.diff(dim=1)
+
+
 def integrated_gradients(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor,
-                         baseline: torch.Tensor | float = 0.0, steps: int = 64, chunk: int = 32
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         baseline: torch.Tensor | float = 0.0, steps: int = 64, method: str = "adaptive",
+                         chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Integrated gradients [B, 3, H, W] on the straight path from `baseline` (default 0, the
-    mean colour after normalisation) to x, Gauss-Legendre quadrature with `steps` nodes (as
-    Captum's default); and the completeness error per image,
+    mean colour after normalisation) to x with `steps` gradient evaluations per image (nodes:
+    see `path_nodes`); and the completeness error per image,
     |sum(attr) - (S_t(x) - S_t(baseline))| / |S_t(x) - S_t(baseline)|."""
     base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
-    nodes, weights = np.polynomial.legendre.leggauss(steps)
-    alphas = torch.tensor(0.5 * (nodes + 1), dtype=x.dtype, device=x.device)
-    step_w = torch.tensor(0.5 * weights, dtype=x.dtype, device=x.device)
+    alphas, step_w = path_nodes(model, x, base, targets, steps, method, chunk)
     B = len(x)
     total = torch.zeros_like(x)
     flat_targets = targets.repeat(steps)  # pair i = (step i // B, image i % B), Captum's order
 
     def make(idx):
         s, b = idx // B, idx % B
-        a = alphas[s].view(-1, 1, 1, 1)
+        a = alphas[b, s].view(-1, 1, 1, 1)
         return base[b] + a * (x[b] - base[b])
 
     def reduce(idx, grad):
         s, b = idx // B, idx % B
-        total.index_add_(0, b, grad * step_w[s].view(-1, 1, 1, 1))
+        total.index_add_(0, b, grad * step_w[b, s].view(-1, 1, 1, 1))
 
     with model.lock:
         _gradients_along(model, B * steps, make, flat_targets, chunk, reduce)

@@ -1,0 +1,153 @@
+"""How faithful is an attribution map? Remove or add pixels in its order and watch the model.
+
+  deletion AUC   pixels replaced by the mean colour, most important first; area under the
+                 target's probability curve. Lower is better (Petsiuk et al. 2018, RISE).
+  insertion AUC  pixels copied onto a blurred image, most important first; higher is better.
+  ROAD           remove-and-debias (Rong et al. 2022): removed pixels are filled by noisy
+                 linear imputation (each one the weighted mean of its 8 neighbours, solved
+                 with the kept pixels fixed) so the removal mask itself leaks no class
+                 information. MoRF = most relevant removed first (lower is better), LeRF =
+                 least relevant first (higher is better); `road` = LeRF - MoRF (higher is better).
+
+A random map scored the same way is the reference: a method that does no better than random
+order should not be trusted for this model. All perturbed images of a batch (image x step)
+go through the model in chunks; ranks are per image and ties go to the lower pixel index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+from engine.inference import run_model
+from engine.models import LoadedModel
+
+ROAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+SCORES = ("deletion", "insertion", "road_morf", "road_lerf", "road")
+BETTER = {"deletion": "lower", "insertion": "higher", "road_morf": "lower", "road_lerf": "higher", "road": "higher"}
+
+# ROAD's imputation weights: direct neighbours 1/6, diagonal neighbours 1/12 (they sum to 1)
+_NEIGHBOURS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
+
+
+def target_probs(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Softmax probability of each image's target class, `chunk` images per forward pass."""
+    out = []
+    for s in range(0, len(x), chunk):
+        logits, _ = run_model(model, x[s:s + chunk])
+        out.append(logits.float().softmax(1).gather(1, targets[s:s + chunk, None].to(logits.device))[:, 0])
+    return torch.cat(out) if out else x.new_zeros(0)
+
+
+def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
+    """Rank of every pixel [B, H, W]: 0 = most important; ties to the lower pixel index."""
+    order = torch.argsort(-maps.flatten(1).float(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ranks.view_as(maps)
+
+
+def blurred(x: torch.Tensor) -> torch.Tensor:
+    """The insertion canvas: the image blurred beyond recognition (kernel 11, sigma 5, as RISE)."""
+    return gaussian_blur(x, [11, 11], [5.0, 5.0])
+
+
+def _curve(model, x, targets, ranks, fractions, fill, chunk: int) -> torch.Tensor:
+    """p(target) [B, len(fractions)] of `fill(b, top, x[b])`, where `top` [n, 1, H, W] marks
+    the `fraction` of pixels ranked first; rows of the batch are (fraction, image) pairs."""
+    B, n = len(x), ranks[0].numel()
+    total = B * len(fractions)
+    out = torch.empty(total, device=x.device)
+    cut = torch.tensor([round(f * n) for f in fractions], device=x.device)
+    for s in range(0, total, chunk):
+        idx = torch.arange(s, min(s + chunk, total), device=x.device)
+        b, f = idx % B, idx // B
+        top = (ranks[b] < cut[f].view(-1, 1, 1))[:, None].to(x.dtype)
+        out[idx] = target_probs(model, fill(b, top, x[b]), targets[b], chunk)
+    return out.view(len(fractions), B).T
+
+
+def _auc(curve: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    return torch.trapezoid(curve, fractions, dim=1)
+
+
+def deletion_insertion(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, maps: torch.Tensor,
+                       steps: int = 10, chunk: int = 32, ends: dict | None = None) -> dict[str, torch.Tensor]:
+    """Deletion and insertion AUC per image over `steps` equal fractions of the pixels.
+
+    The curves' end points do not depend on the map (the image itself, the fully grey and
+    the fully blurred image): pass `ends` from `curve_ends` to share them across methods."""
+    ends = ends or curve_ends(model, x, targets, chunk)
+    fractions = torch.linspace(0, 1, steps + 1, device=x.device)
+    inner = fractions[1:-1].tolist()
+    ranks = pixel_ranks(maps.to(x.device))
+    canvas = ends["blurred"]
+    dele = _curve(model, x, targets, ranks, inner, lambda b, top, xb: xb * (1 - top), chunk)  # grey = 0
+    ins = _curve(model, x, targets, ranks, inner, lambda b, top, xb: xb * top + canvas[b] * (1 - top), chunk)
+    dele = torch.cat([ends["p"][:, None], dele, ends["p_grey"][:, None]], 1)
+    ins = torch.cat([ends["p_blur"][:, None], ins, ends["p"][:, None]], 1)
+    return {"deletion": _auc(dele, fractions), "insertion": _auc(ins, fractions),
+            "deletion_curve": dele, "insertion_curve": ins}
+
+
+def curve_ends(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, chunk: int = 32) -> dict:
+    """p(target) of the image, of the all-grey and of the blurred image (shared by all methods)."""
+    canvas = blurred(x)
+    p = target_probs(model, torch.cat([x, torch.zeros_like(x[:1]), canvas]),
+                     torch.cat([targets, targets[:1], targets]), chunk)
+    B = len(x)
+    return {"p": p[:B], "p_grey": p[B].expand(B), "p_blur": p[B + 1:], "blurred": canvas}
+
+
+def impute(x: torch.Tensor, removed: torch.Tensor, iterations: int = 40, noise: float = 0.02,
+           seed: int = 0) -> torch.Tensor:
+    """ROAD's noisy linear imputation, batched: removed pixels ([B, 1, H, W], 1 = removed) are
+    solved for `value = weighted mean of the 8 neighbours` by Jacobi iterations started from a
+    normalised-convolution fill, then get Gaussian noise of std `noise` (normalised units)."""
+    kernel = _NEIGHBOURS.to(x.device, x.dtype).view(1, 1, 3, 3)
+    keep = 1 - removed
+    C = x.shape[1]
+
+    def neighbour_mean(v, w):
+        num = F.conv2d((v * w).flatten(0, 1)[:, None], kernel, padding=1).view_as(v)
+        den = F.conv2d(w, kernel, padding=1)
+        return num, den
+
+    # start: blur of the kept pixels only, at a scale that reaches into large holes
+    wide = gaussian_blur(torch.cat([x * keep, keep], 1), [31, 31], [8.0, 8.0])
+    v = torch.where(removed.bool(), wide[:, :C] / wide[:, C:].clamp(min=1e-6), x)
+    ones = torch.ones_like(removed)
+    for _ in range(iterations):
+        num, den = neighbour_mean(v, ones)
+        v = torch.where(removed.bool(), num / den, x)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    return v + removed * noise * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+
+
+def road(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, maps: torch.Tensor,
+         fractions: tuple[float, ...] = ROAD_FRACTIONS, chunk: int = 32) -> dict[str, torch.Tensor]:
+    """Mean p(target) over `fractions` removed by noisy linear imputation, MoRF and LeRF."""
+    ranks = pixel_ranks(maps.to(x.device))
+    reversed_ranks = ranks[0].numel() - 1 - ranks  # least relevant first
+
+    def removed(b, top, xb):
+        return impute(xb, top)
+
+    morf = _curve(model, x, targets, ranks, list(fractions), removed, chunk)
+    lerf = _curve(model, x, targets, reversed_ranks, list(fractions), removed, chunk)
+    morf, lerf = morf.mean(1), lerf.mean(1)
+    return {"road_morf": morf, "road_lerf": lerf, "road": lerf - morf}
+
+
+def random_maps(shape: tuple[int, ...], seed: int = 0, device=None) -> torch.Tensor:
+    """The reference ordering: uniform noise maps."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def faithfulness(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, maps: torch.Tensor,
+                 steps: int = 10, chunk: int = 32, ends: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every score of SCORES per image [B] for one method's maps."""
+    scores = deletion_insertion(model, x, targets, maps, steps, chunk, ends)
+    scores.update(road(model, x, targets, maps, chunk=chunk))
+    return {k: scores[k] for k in SCORES}

@@ -1,0 +1,195 @@
+"""engine.attribution / faithfulness / segmentation against Captum, pytorch-grad-cam and brute force."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import attribution as A
+from engine import faithfulness as Fa
+from engine.backprop_rules import relu_backward_rule
+from engine.hooks import capture, hook_count
+from engine.images import load_preprocessed
+from engine.segmentation import grabcut_mask
+
+FOLDERS = ["n01440764", "n01514859"]  # tench, hen
+
+
+def rel_err(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="session")
+def batch(model, shared_images):
+    """Two shared images, normalised, with their predicted classes."""
+    paths = [sorted((shared_images / f).iterdir())[0] for f in FOLDERS]
+    images = torch.from_numpy(np.stack([load_preprocessed(p, model.preprocessing) for p in paths]))
+    x = model.preprocessing.normalize(images)
+    with torch.no_grad():
+        targets = model.module(x).argmax(1)
+    return images, x, targets
+
+
+def test_saliency_equals_captum(model, batch):
+    from captum.attr import Saliency
+
+    _, x, t = batch
+    ours = A.saliency(model, x, t)
+    ref = Saliency(model.module).attribute(x.clone(), target=t, abs=True).amax(1)
+    assert ours.shape == (2, 224, 224)
+    assert rel_err(ours, ref) < 1e-4
+
+
+def test_integrated_gradients_equal_captum(model, batch):
+    from captum.attr import IntegratedGradients
+
+    _, x, t = batch
+    ours, _ = A.integrated_gradients(model, x, t, steps=8, method="gausslegendre", chunk=8)
+    ref = IntegratedGradients(model.module).attribute(x.clone(), baselines=0.0, target=t, n_steps=8,
+                                                      method="gausslegendre", internal_batch_size=8)
+    assert rel_err(ours, ref) < 1e-4
+
+
+@pytest.mark.parametrize("layer", ["_conv_head", "_blocks.15"])
+def test_gradcam_equals_pytorch_grad_cam(model, batch, layer):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    _, x, t = batch
+    before = hook_count(model.module)
+    ours = A.gradcam(model, x, t, layer=layer)
+    assert hook_count(model.module) == before
+    with GradCAM(model.module, [model.module.get_submodule(layer)]) as cam:
+        # the model's weights are frozen: the library needs the input to require grad to see gradients
+        ref = cam(x.clone().requires_grad_(True), targets=[ClassifierOutputTarget(int(c)) for c in t])
+    assert ours.shape == (2, 224, 224) and float(ours.min()) >= 0 and float(ours.max()) <= 1
+    assert np.abs(ours.numpy() - ref).max() < 1e-4
+
+
+def test_cam_is_classifier_weights_on_the_pooled_activation(model, batch):
+    """Brute force: EfficientNet pools ReLU6(_bn1(...)); CAM = sum_k w_ck of that, upsampled."""
+    _, x, t = batch
+    with torch.no_grad(), capture(model.module, ["_bn1"]) as acts:
+        model.module(x)
+    pooled_input = acts["_bn1"].clamp(0, 6)
+    low = torch.einsum("bkhw,bk->bhw", pooled_input, model.module._fc.weight[t])
+    # the mean of the low-resolution CAM plus the bias is the logit (the CAM identity)
+    with torch.no_grad():
+        logits = model.module(x)
+    assert torch.allclose(low.mean((1, 2)) + model.module._fc.bias[t], logits.gather(1, t[:, None])[:, 0], atol=1e-3)
+    expected = F.interpolate(low[:, None], size=(224, 224), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(A.cam(model, x, t), expected, atol=1e-4)
+
+
+def test_integrated_gradients_completeness_at_64_steps(model, batch):
+    _, x, t = batch
+    attr, error = A.integrated_gradients(model, x[:1], t[:1], steps=64)
+    with torch.no_grad():
+        ends = model.module(torch.cat([x[:1], torch.zeros_like(x[:1])]))[:, t[0]]
+    delta = float(ends[0] - ends[1])
+    assert abs(float(attr.sum()) - delta) <= 0.01 * abs(delta)
+    assert float(error[0]) <= 0.01
+
+
+def test_guided_backprop_leaves_the_model_unchanged(model, batch):
+    _, x, t = batch
+    before_hooks = hook_count(model.module)
+    plain_before = A.saliency(model, x[:1], t[:1])
+    guided = A.guided_gradients(model, x[:1], t[:1])
+    plain_after = A.saliency(model, x[:1], t[:1])
+    assert torch.equal(plain_before, plain_after)
+    assert hook_count(model.module) == before_hooks
+    assert not any("forward" in m.__dict__ for m in model.module.modules())
+    assert not torch.allclose(guided.abs().amax(1), plain_before)  # the rule really was active
+    with pytest.raises(RuntimeError, match="boom"):  # restored after an exception too
+        with relu_backward_rule(model.module, "guided"):
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model.module.modules())
+    assert torch.equal(A.saliency(model, x[:1], t[:1]), plain_before)
+
+
+def test_occlusion_peaks_on_a_pasted_object(model, batch):
+    """A tench crop pasted on a flat grey canvas: hiding the fish must hurt the most."""
+    images, _, _ = batch
+    canvas = torch.full((1, 224, 224, 3), 128, dtype=torch.uint8)
+    y0, x0, side = 16, 112, 96
+    fish = F.interpolate(images[:1].permute(0, 3, 1, 2).float(), size=(side, side), mode="area")
+    canvas[0, y0:y0 + side, x0:x0 + side] = fish[0].permute(1, 2, 0).round().byte()
+    x = model.preprocessing.normalize(canvas)
+    with torch.no_grad():
+        t = model.module(x).argmax(1)
+    heat = A.occlusion(model, x, t, patch=32, stride=16)[0]
+    y, xx = divmod(int(heat.argmax()), 224)
+    assert y0 <= y < y0 + side and x0 <= xx < x0 + side, (y, xx)
+    assert float(heat[y0:y0 + side, x0:x0 + side].mean()) > float(heat[140:, :100].mean())
+
+
+def test_occluders_cover_the_image():
+    masks = A.occluder_masks(224, 32, 24)
+    assert masks.sum(0).min() >= 1 and masks.shape[1:] == (224, 224)
+    with pytest.raises(Exception, match="patch"):
+        A.occluder_masks(224, 0, 16)
+
+
+def test_smoothgrad_is_seeded_and_batched(model, batch):
+    _, x, t = batch
+    both = A.smoothgrad(model, x, t, samples=2, chunk=3)
+    again = A.smoothgrad(model, x, t, samples=2, chunk=3)
+    assert torch.equal(both, again) and both.shape == (2, 224, 224)
+
+
+def test_targets():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    labels = torch.tensor([2, -1])
+    assert A.resolve_targets("pred", logits, labels).tolist() == [1, 0]
+    assert A.resolve_targets("label", logits, labels).tolist() == [2, 0]
+    assert A.resolve_targets(2, logits, labels).tolist() == [2, 2]
+    assert A.parse_target("7") == 7
+    for bad in ["cat", "1000", -1]:
+        with pytest.raises(Exception):
+            A.parse_target(bad)
+    with pytest.raises(Exception, match="unknown explanation method"):
+        A.parse_methods("saliency,magic")
+
+
+def test_deletion_and_insertion_prefer_gradcam_order_to_its_reverse(model, batch):
+    _, x, t = batch
+    cam = A.gradcam(model, x[:1], t[:1])
+    good = Fa.deletion_insertion(model, x[:1], t[:1], cam, steps=5)
+    bad = Fa.deletion_insertion(model, x[:1], t[:1], -cam, steps=5)
+    assert float(good["deletion"][0]) < float(bad["deletion"][0])
+    assert float(good["insertion"][0]) > float(bad["insertion"][0])
+    curve = good["deletion_curve"][0]
+    with torch.no_grad():
+        p = model.module(x[:1]).softmax(1)[0, t[0]]
+    assert abs(float(curve[0]) - float(p)) < 1e-5  # nothing deleted: the image's own probability
+
+
+def test_imputation_is_linear_and_keeps_kept_pixels():
+    """Noisy linear imputation without noise reproduces a linear ramp in the holes."""
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    ramp = torch.stack([yy / 64, xx / 64, (yy + xx) / 128])[None]
+    removed = torch.zeros(1, 1, 64, 64)
+    removed[..., 10:30, 20:50] = 1
+    filled = Fa.impute(ramp, removed, iterations=400, noise=0.0)
+    assert torch.equal(filled[..., removed[0, 0] == 0], ramp[..., removed[0, 0] == 0])
+    assert float((filled - ramp).abs().max()) < 1e-3
+
+
+def test_pixel_ranks_break_ties_by_index():
+    ranks = Fa.pixel_ranks(torch.tensor([[[1.0, 3.0], [3.0, 0.0]]]))
+    assert ranks.tolist() == [[[2, 0], [1, 3]]]
+
+
+def test_grabcut_finds_a_disk_seeded_by_a_blob():
+    rng = np.random.default_rng(0)
+    image = (rng.normal(0, 12, (128, 128, 3)) + [60, 140, 70]).clip(0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:128, :128]
+    disk = (yy - 60) ** 2 + (xx - 70) ** 2 < 30 ** 2
+    image[disk] = (rng.normal(0, 12, (int(disk.sum()), 3)) + [200, 40, 50]).clip(0, 255).astype(np.uint8)
+    blob = np.exp(-((yy - 60) ** 2 + (xx - 70) ** 2) / (2 * 18.0 ** 2))
+    mask = grabcut_mask(image, blob)
+    iou = (mask & disk).sum() / (mask | disk).sum()
+    assert iou > 0.85, iou
+    assert not grabcut_mask(image, np.zeros((128, 128))).any()  # a flat map has no seeds
