@@ -41,6 +41,7 @@ from engine.errors import InputError
 KINDS = ("near_duplicates", "label_issues", "outliers", "context_reliance", "unit_bias")
 HASH_BITS = 64
 MAX_HASH_DISTANCE = 10  # beyond this a 64-bit dHash no longer says "same picture"
+SAME_HASH = 4  # pairs this close are rescaled / recompressed copies, not distinct images
 AUGMENTATIONS = ("resize_jpeg", "jpeg", "crop")
 
 
@@ -118,11 +119,13 @@ class Threshold:
     recall_by_kind: dict = field(default_factory=dict)
 
 
-def tail_fpr(negatives: np.ndarray, tail: float = 0.01):
+def tail_fpr(negatives: np.ndarray, tail: float = 0.01, min_tail: int = 50):
     """Exceedance probability P(s >= t) of distinct pairs: empirical in the bulk, an
-    exponential fit to the top `tail` fraction above (peaks over threshold; the scale from
-    the median excess, so a few true duplicates among the negatives barely move it)."""
+    exponential fit to the top `tail` fraction (at least `min_tail` pairs) above (peaks over
+    threshold; the scale from the median excess, so the few true duplicates a dataset may
+    hold among its "distinct" pairs barely move it)."""
     neg = np.sort(np.asarray(negatives, dtype=np.float64))
+    tail = min(max(tail, min_tail / max(len(neg), 1)), 0.5)
     u = float(np.quantile(neg, 1 - tail))
     above = neg[neg > u]
     frac = len(above) / max(len(neg), 1)
@@ -172,10 +175,12 @@ def calibrate(pos_cos: np.ndarray, pos_hash: np.ndarray, pos_kinds: np.ndarray, 
               neg_hash: np.ndarray, n_images: int, max_false_pairs: float = 0.5) -> dict:
     """Thresholds for both duplicate signals (hash similarity is minus the Hamming distance).
 
-    The hash threshold is calibrated on negatives the cosine does not already call
-    duplicates, and never looser than MAX_HASH_DISTANCE bits."""
+    The cosine is calibrated on negatives whose hashes differ in more than SAME_HASH bits
+    (closer ones are the same picture), the hash on negatives the cosine does not call
+    duplicates; the hash threshold is never looser than MAX_HASH_DISTANCE bits."""
     pairs = max(n_images * (n_images - 1) // 2, 1)
-    cos = calibrate_signal("fc7_cosine", pos_cos, pos_kinds, neg_cos, pairs, max_false_pairs,
+    distinct = neg_hash < -SAME_HASH
+    cos = calibrate_signal("fc7_cosine", pos_cos, pos_kinds, neg_cos[distinct], pairs, max_false_pairs,
                            np.round(np.arange(0.30, 1.0001, 0.005), 3))
     clean = neg_hash[neg_cos < cos.value]
     hsh = calibrate_signal("dhash", pos_hash, pos_kinds, clean, pairs, max_false_pairs,
@@ -291,14 +296,16 @@ def knn(unit: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 
 
 def knn_label_probs(labels: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, n_labels: int) -> np.ndarray:
-    """Out-of-sample P(label | image) from its neighbours' labels, similarity-weighted."""
+    """Out-of-sample P(label | image) from its neighbours' labels: similarity-weighted votes,
+    each label's votes divided by its frequency (a large class does not win by size alone)."""
     w = np.where(neighbours >= 0, np.clip(sims, 0, None), 0.0)
     nl = np.where(neighbours >= 0, labels[np.maximum(neighbours, 0)], -1)
     w = np.where(nl >= 0, w, 0.0)
-    probs = np.zeros((len(neighbours), n_labels))
-    np.add.at(probs, (np.repeat(np.arange(len(nl)), nl.shape[1]), np.maximum(nl, 0).ravel()), w.ravel())
-    total = probs.sum(1, keepdims=True)
-    return np.divide(probs, total, out=np.full_like(probs, 1.0 / max(n_labels, 1)), where=total > 0)
+    votes = np.zeros((len(neighbours), n_labels))
+    np.add.at(votes, (np.repeat(np.arange(len(nl)), nl.shape[1]), np.maximum(nl, 0).ravel()), w.ravel())
+    votes /= np.maximum(np.bincount(labels[labels >= 0], minlength=n_labels), 1)[None, :]
+    total = votes.sum(1, keepdims=True)
+    return np.divide(votes, total, out=np.full_like(votes, 1.0 / max(n_labels, 1)), where=total > 0)
 
 
 def model_label_probs(logits: np.ndarray, label_class: np.ndarray) -> np.ndarray:
@@ -309,30 +316,28 @@ def model_label_probs(logits: np.ndarray, label_class: np.ndarray) -> np.ndarray
     return e / e.sum(1, keepdims=True)
 
 
-def confident_learning(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Confident-learning label issues (Northcutt et al. 2021, the confident joint).
+def label_margins(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Suggested label (the likeliest other label) and the normalized margin
+    P(suggested) - P(given), the confident-learning ranking score: > 0 where the
+    out-of-sample evidence prefers another label."""
+    n = len(probs)
+    others = probs.copy()
+    others[np.arange(n), labels] = -np.inf
+    suggested = others.argmax(1)
+    return suggested, probs[np.arange(n), suggested] - probs[np.arange(n), labels]
 
-    Per class j the threshold t_j is the mean P(j | x) over the images labelled j; an image
-    confidently belongs to the classes whose probability reaches their threshold, and to
-    the likeliest of those. Returns (suggested label [n], score [n]) where score is the
-    margin P(suggested) - P(given) for images confidently in another class, else 0.
+
+def label_issue_findings(features: np.ndarray, logits: np.ndarray, manifest: pd.DataFrame, usable: np.ndarray,
+                         model_class_of: dict[str, int], k: int = 5, min_class_size: int = 3,
+                         min_margin: float = 0.1) -> tuple[list[dict], dict]:
+    """Suspected label errors from out-of-sample evidence, ranked by margin.
+
+    Evidence: kNN label votes in fc7 space (features centred on the dataset mean, cosine;
+    only for images whose class has at least `min_class_size` images) and, when the labels
+    are model classes (ImageNet WordNet ids), the model's softmax over the dataset's labels.
+    The two are averaged; an image is suspect when another label is likelier than its own
+    by at least `min_margin` (near-ties are not worth a look).
     """
-    n, n_labels = probs.shape
-    thresholds = np.array([probs[labels == j, j].mean() if (labels == j).any() else 1.0 for j in range(n_labels)])
-    confident = np.where(probs >= thresholds[None, :] - 1e-12, probs, -1.0)
-    suggested = confident.argmax(1)
-    has = confident.max(1) >= 0
-    given_p = probs[np.arange(n), labels]
-    score = np.where(has & (suggested != labels), probs[np.arange(n), suggested] - given_p, 0.0)
-    return suggested, np.clip(score, 0.0, None)
-
-
-def label_issue_findings(unit: np.ndarray, logits: np.ndarray, manifest: pd.DataFrame, usable: np.ndarray,
-                         model_class_of: dict[str, int], k: int = 10, min_class_size: int = 3
-                         ) -> tuple[list[dict], dict]:
-    """Suspected label errors from out-of-sample evidence: kNN label votes in fc7 space
-    (for classes with at least `min_class_size` images) and, when the labels are model
-    classes (ImageNet WordNet ids), the model's confidence; averaged, then confident learning."""
     label_col = manifest["label"].to_numpy()
     rows = np.flatnonzero(usable & pd.notna(label_col))
     if not len(rows):
@@ -340,30 +345,33 @@ def label_issue_findings(unit: np.ndarray, logits: np.ndarray, manifest: pd.Data
     names, labels = np.unique(label_col[rows].astype(str), return_inverse=True)
     sizes = np.bincount(labels, minlength=len(names))
     terms = []
-    if len(rows) > 1:
+    if len(rows) > 1 and len(names) > 1:
+        x = np.asarray(features, np.float32)
+        unit = unit_rows(x - x[rows].mean(0))
         neighbours, sims = knn(unit, rows, k)
         pos = np.full(len(manifest), -1)
         pos[rows] = labels
-        p_knn = knn_label_probs(pos, neighbours, sims, len(names))
-        terms.append((p_knn, sizes[labels] >= min_class_size))
-    if all(n in model_class_of for n in names):
+        terms.append((knn_label_probs(pos, neighbours, sims, len(names)), sizes[labels] >= min_class_size))
+    model_terms = len(names) > 1 and all(n in model_class_of for n in names)
+    if model_terms:
         terms.append((model_label_probs(logits[rows], np.array([model_class_of[n] for n in names])),
                       np.ones(len(rows), bool)))
     weight = sum(w.astype(float)[:, None] for _, w in terms) if terms else np.zeros((len(rows), 1))
     evidence = weight[:, 0] > 0
+    method = {"knn_k": k, "min_class_size": min_class_size, "model_confidence": model_terms,
+              "images_with_evidence": int(evidence.sum()), "min_margin": min_margin,
+              "rank": "normalized margin P(suggested) - P(given)"}
     if not evidence.any():
-        return [], {"method": "none: every class is smaller than min_class_size and labels are not model classes"}
-    probs = sum(p * w.astype(float)[:, None] for p, w in terms) / np.maximum(weight, 1)
-    suggested, score = confident_learning(probs[evidence], labels[evidence])
-    ev_rows = rows[evidence]
+        return [], method
+    probs = (sum(p * w.astype(float)[:, None] for p, w in terms) / np.maximum(weight, 1))[evidence]
+    given = labels[evidence]
+    suggested, score = label_margins(probs, given)
     paths = manifest["path"].to_numpy()
-    out = [{"id": finding_id("label_issues", str(paths[r])), "path": str(paths[r]), "given": str(names[labels[evidence][i]]),
+    out = [{"id": finding_id("label_issues", str(paths[r])), "path": str(paths[r]), "given": str(names[given[i]]),
             "suggested": str(names[suggested[i]]), "score": round(float(score[i]), 4),
-            "given_prob": round(float(probs[evidence][i, labels[evidence][i]]), 4)}
-           for i, r in enumerate(ev_rows) if score[i] > 0]
+            "given_prob": round(float(probs[i, given[i]]), 4)}
+           for i, r in enumerate(rows[evidence]) if score[i] >= min_margin and score[i] > 0]
     out.sort(key=lambda f: (-f["score"], f["path"]))
-    method = {"knn_k": k, "min_class_size": min_class_size, "knn": True,
-              "model_confidence": all(n in model_class_of for n in names), "images_with_evidence": int(evidence.sum())}
     return out, method
 
 

@@ -42,8 +42,9 @@ class AuditSettings(BaseModel):
     top_k: int = Field(16, ge=1)
     alpha: float = Field(0.05, gt=0, lt=1)
     correction: str = Field("bh", pattern="^(bh|bonferroni)$")
-    knn_k: int = Field(10, ge=1)
+    knn_k: int = Field(5, ge=1)
     min_class_size: int = Field(3, ge=2)
+    min_label_margin: float = Field(0.1, ge=0, le=1)
     outlier_z: float = Field(4.0, gt=0)
     calibration_images: int = Field(32, ge=2)
     max_false_pairs: float = Field(0.5, gt=0)
@@ -214,8 +215,9 @@ def analyse(opts: RunOptions, store: Store, metadata: pd.DataFrame | None, setti
                                     int(-calibration["dhash"]["value"]))
     classes = imagenet_classes()
     logits = store.read("predict/logits")
-    labels, label_method = audit.label_issue_findings(unit, logits, manifest, usable, classes.index_of,
-                                                      settings.knn_k, settings.min_class_size)
+    labels, label_method = audit.label_issue_findings(store.read("features/fc7"), logits, manifest, usable, classes.index_of,
+                                                      settings.knn_k, settings.min_class_size,
+                                                      settings.min_label_margin)
     outliers, outlier_method = audit.outlier_findings(unit, manifest, usable, settings.outlier_z)
     bias, bias_source = [], {}
     if metadata is not None:

@@ -1,0 +1,50 @@
+"""prefect.yaml end to end: `prefect deploy --all` against the session's Prefect API, one run
+of the scheduled audit deployment through a process work pool, findings written."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, cli_env
+
+
+def prefect(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, (args, out.stdout[-3000:], out.stderr[-3000:])
+    return out
+
+
+def test_prefect_yaml_declares_a_scheduled_audit():
+    deployments = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    audit = deployments["audit-weekly"]
+    assert audit["entrypoint"] == "flows/audit.py:audit_flow"
+    assert audit["schedules"][0]["cron"] and audit["work_pool"]["name"] == "neurocat-process"
+    assert {"predict", "demo"} <= set(deployments)
+
+
+@pytest.mark.slow
+def test_audit_deployment_runs_through_a_process_worker(prefect_api, demo_data, tmp_path):
+    env = cli_env(prefect_api)
+    env["NEUROCAT_HOME"] = str(ROOT)
+    prefect(["work-pool", "create", "neurocat-process", "--type", "process", "--overwrite"], env)
+    prefect(["--no-prompt", "deploy", "--all"], env)
+    listed = prefect(["deployment", "ls"], env).stdout
+    for name in ("audit/audit-weekly", "predict/predict", "demo/demo"):
+        assert name in listed, listed
+    params = {"opts": {"data": str(demo_data), "store": str(tmp_path / "a.zarr"), "report": str(tmp_path / "r"),
+                       "limit": 12, "batch_size": 12},
+              "previous": None, "settings": {"calibration_images": 4, "context_per_class": 0}}
+    started = prefect(["deployment", "run", "audit/audit-weekly", "--params", json.dumps(params)], env).stdout
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started).group(1)
+    prefect(["worker", "start", "--pool", "neurocat-process", "--run-once"], env, timeout=900)
+    state = prefect(["flow-run", "inspect", run_id], env).stdout
+    assert re.search(r"type=StateType.COMPLETED|'type': 'COMPLETED'|COMPLETED", state), state[-2000:]
+    findings = json.loads((tmp_path / "r" / "findings.json").read_text())
+    assert "near_duplicates" in findings and findings["imbalance"]["classes"]["counts"]
