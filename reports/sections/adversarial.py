@@ -30,24 +30,29 @@ def _pyplot():
 
 
 def accuracy_figure(runs: list[dict]):
-    """Top-1 accuracy against eps, one line per attack (transfer model dashed), eps 0 = clean."""
+    """Top-1 accuracy against eps, one line per attack (transfer model dashed), eps 0 = clean;
+    one panel per norm (L-inf eps in grey levels /255, L2 eps in [0, 1] pixel units)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    for run in runs:
-        s = run["summary"]
-        if s["clean_accuracy"] is None:
-            continue
-        xs = [0.0] + [r["eps"] for r in s["per_eps"]]
-        line, = ax.plot(xs, [s["clean_accuracy"]] + [r["accuracy"] for r in s["per_eps"]], "o-", label=run["title"])
-        if s["clean_transfer_accuracy"] is not None:
-            ax.plot(xs, [s["clean_transfer_accuracy"]] + [r["transfer_accuracy"] for r in s["per_eps"]], "s--",
-                    color=line.get_color(), alpha=0.7, label=f"{run['title']} → {run['transfer_name']}")
-    ax.set_xlabel("eps (pixel units, [0, 1] scale)")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
-    ax.spines[["top", "right"]].set_visible(False)
+    norms = sorted({run["norm"] for run in runs}, key=["linf", "l2"].index)
+    fig, axes = plt.subplots(1, len(norms), figsize=(6.4 * len(norms), 3.4), squeeze=False)
+    for ax, norm in zip(axes[0], norms):
+        scale = 255 if norm == "linf" else 1
+        for run in (r for r in runs if r["norm"] == norm):
+            s = run["summary"]
+            if s["clean_accuracy"] is None:
+                continue
+            xs = [0.0] + [r["eps"] * scale for r in s["per_eps"]]
+            line, = ax.plot(xs, [s["clean_accuracy"]] + [r["accuracy"] for r in s["per_eps"]], "o-",
+                            label=run["title"])
+            if s["clean_transfer_accuracy"] is not None:
+                ax.plot(xs, [s["clean_transfer_accuracy"]] + [r["transfer_accuracy"] for r in s["per_eps"]], "s--",
+                        color=line.get_color(), alpha=0.7, label=f"{run['title']} → {run['transfer_name']}")
+        ax.set_xlabel("eps (L∞, grey levels /255)" if norm == "linf" else "eps (L2, [0, 1] pixel units)")
+        ax.set_ylabel("top-1 accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False, fontsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
     return fig
 
 
@@ -110,11 +115,11 @@ def run_page(site: Site, group: str) -> dict:
     for row, params in zip(summary["per_eps"], attrs["params"]):
         pred, conf = store.read(f"{root}/{row['key']}/pred"), store.read(f"{root}/{row['key']}/conf")
         index = pick_examples(pred, reference, ok, target)
-        examples.append({"label": row["label"], "params": params, "gain": round(127 / (255 * row["eps"]), 1)
-                         if attrs["norm"] == "linf" else None,
-                         "items": triptychs(site, group, row["key"], index, labels, clean_pred, clean_conf, pred, conf)})
+        gain = store.attrs(f"{root}/{row['key']}/perturbation")["gain"]
+        examples.append({"label": row["label"], "params": params, "gain": round(gain, 1),
+                         "triptychs": triptychs(site, group, row["key"], index, labels, clean_pred, clean_conf, pred, conf)})
     hist = site.figure(confidence_figure(store, group, summary, ok), f"adversarial/{group}/confidence.png")
-    run = {"group": group, "title": title, "summary": summary, "href": f"adversarial/{group}.html",
+    run = {"group": group, "title": title, "norm": attrs["norm"], "summary": summary, "href": f"adversarial/{group}.html",
            "transfer_name": transfer["model"] if transfer else None}
     curve = site.figure(accuracy_figure([run]), f"adversarial/{group}/accuracy.png")
     site.render("adversarial_run.html", run["href"], title=f"Robustness: {title}", run=run, attrs=attrs,
