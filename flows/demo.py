@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.adversarial import run_adversarial
 from flows.audit import run_audit
 from flows.catalog import run_catalog
 from flows.common import RunOptions, resolve_paths
@@ -32,5 +33,6 @@ def demo_flow(opts: RunOptions) -> dict:
         run_embed(opts, store)
         run_catalog(opts, store, top_k=8, bottom_k=4, featvis_n=2, projections=16)
         run_audit(opts, store)  # the planted copy_of_*.jpg shows up as a near-duplicate
+        run_adversarial(opts, store, "fgsm", ["2/255", "8/255"])  # cheap: one gradient per image and eps
         report = publish_report(opts.store, opts.report)
     return {"store": opts.store, "report": str(report), "images": len(table)}
