@@ -11,7 +11,6 @@ from its markers.
 from __future__ import annotations
 
 import hashlib
-import importlib
 from math import ceil
 
 import numpy as np
@@ -37,7 +36,8 @@ SLOTS_PER_BLOCK = 2048  # patches per pass-2 task (bounds its memory and the ima
 UNIT_CHUNK = 16  # units per chunk of the per-unit image arrays (patches, overlays, projections)
 OVERLAY_SIZE = 112
 FEATVIS_SIZE = 128
-FEATVIS_STEPS = 256
+FEATVIS_STEPS = 128
+FEATVIS_BATCH = 8  # units optimised together in one task
 
 
 def reduce_tree(store_path: str, job: str, shard_ids: list[int], fan_in: int = 2):
@@ -75,14 +75,6 @@ def _digest(*arrays: np.ndarray) -> str:
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
-
-
-def featvis_available() -> bool:
-    """Whether the shared feature-visualisation engine (engine.optvis.visualize_unit) is in the tree."""
-    try:
-        return hasattr(importlib.import_module("engine.optvis"), "visualize_unit")
-    except ImportError:
-        return False
 
 
 def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: int = 16, bottom_k: int = 8,
@@ -164,8 +156,6 @@ def run_featvis(opts: RunOptions, store: Store, layers: list[str], n: int, attrs
     """Feature visualisations of the first `n` units of each layer, skipping dead units."""
     if n <= 0:
         return {}
-    if not featvis_available():
-        return {"skipped": "engine.optvis.visualize_unit is not available"}
     futures, done = [], {}
     for layer in layers:
         dead = store.read(f"catalog/{layer}/stats/dead")
@@ -177,8 +167,9 @@ def run_featvis(opts: RunOptions, store: Store, layers: list[str], n: int, attrs
                                   "what": "feature visualisation (engine.optvis.visualize_unit); dead units left black"})
         live = [int(c) for c in np.flatnonzero(~dead[:units])]
         done[layer] = {"units": units, "rendered": len(live), "dead": units - len(live)}
-        futures += [catalog_featvis.with_options(task_run_name=f"featvis-{layer}-{c}").submit(
-            opts.store, layer, c, opts.model, opts.weights, opts.device, FEATVIS_SIZE, FEATVIS_STEPS, 0) for c in live]
+        futures += [catalog_featvis.with_options(task_run_name=f"featvis-{layer}-{live[i]}").submit(
+            opts.store, layer, live[i:i + FEATVIS_BATCH], opts.model, opts.weights, opts.device, FEATVIS_SIZE,
+            FEATVIS_STEPS, 0) for i in range(0, len(live), FEATVIS_BATCH)]
     for f in futures:
         f.result()
     return done

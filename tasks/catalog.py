@@ -21,6 +21,7 @@ from engine.catalog import (catalog_arrays, extract_patches, filter_grid, overla
 from engine.images import iter_batches
 from engine.inference import run_model
 from engine.models import cached_model
+from engine.optvis import visualize_unit
 from engine.receptive_field import receptive_fields
 from engine.topk import ChannelStats, LayerStates, merge_states, states_from_arrays, states_to_arrays
 from storage.store import Store
@@ -184,12 +185,12 @@ class _BlockWork:
 
 
 @task(name="catalog-featvis", retries=1)
-def catalog_featvis(store_path: str, layer: str, channel: int, model: str, weights: str | None, device: str,
-                    size: int, steps: int, seed: int) -> bool:
-    """Feature visualisation of one unit (engine.optvis, shared with `neurocat render featvis`)."""
-    from engine.optvis import visualize_unit
-
+def catalog_featvis(store_path: str, layer: str, channels: list[int], model: str, weights: str | None, device: str,
+                    size: int, steps: int, seed: int) -> int:
+    """Feature visualisations of some units, optimised as one batch (engine.optvis, shared with renders)."""
     m = cached_model(model, weights, device)
-    image = visualize_unit(m, layer, channel, size=size, steps=steps, seed=seed)
-    Store(store_path).write_rows(f"catalog/{layer}/featvis", channel, np.asarray(image, np.uint8)[None])
-    return True
+    images = visualize_unit(m, layer, channels, size=size, steps=steps, seed=seed)
+    store = Store(store_path)
+    for c, image in zip(channels, images):
+        store.write_rows(f"catalog/{layer}/featvis", c, np.asarray(image, np.uint8)[None])
+    return len(channels)
