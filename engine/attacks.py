@@ -24,7 +24,7 @@ from engine.errors import InputError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 NORMS = ("linf", "l2")
-ATTACKS = ("fgsm", "bim", "pgd")
+ATTACKS = ("fgsm", "bim", "pgd", "universal")
 
 
 def pixel_forward(model) -> Forward:
@@ -136,8 +136,11 @@ def bim(forward: Forward, x: torch.Tensor, labels: torch.Tensor, eps: float, ste
 
 
 def default_steps(attack: str, eps: float) -> int:
+    """Iterations (sweeps over the fitting images for `universal`)."""
     if attack == "fgsm":
         return 1
+    if attack == "universal":
+        return 5
     if attack == "bim":
         return max(1, int(np.ceil(min(eps * 255 + 4, 1.25 * eps * 255))))
     return 10
@@ -148,6 +151,8 @@ def default_step_size(attack: str, eps: float, steps: int) -> float:
         return eps
     if attack == "bim":
         return 1 / 255
+    if attack == "universal":
+        return eps / 10
     return 2.5 * eps / steps
 
 
@@ -181,6 +186,8 @@ class AttackSpec:
     def run(self, forward: Forward, x: torch.Tensor, labels: torch.Tensor, eps: float,
             generator: torch.Generator | None = None) -> torch.Tensor:
         """The adversarial batch at `eps`; `labels` are true labels, or targets when targeted."""
+        if self.attack == "universal":
+            raise ValueError("a universal perturbation is fitted over a dataset: see universal_perturbation")
         p = self.resolved(eps)
         targeted = self.targeted is not None
         if self.attack == "fgsm" and self.norm == "linf":
@@ -231,7 +238,7 @@ def universal_perturbation(forward: Forward, batches: Sequence[torch.Tensor], ep
     fooling rate of a sweep reaches `target_rate`. Returns (delta, fooling rate per sweep).
     """
     _check(eps, epochs, norm)
-    step_size = eps / 10 if step_size is None else step_size
+    step_size = default_step_size("universal", eps, epochs) if step_size is None else step_size
     with torch.no_grad():
         clean = [forward(x).argmax(1) for x in batches]
     delta = torch.zeros_like(batches[0][:1])

@@ -20,6 +20,7 @@ report (reports/sections/adversarial.py) shows. Rows of undecodable files stay z
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 from prefect import flow
@@ -32,8 +33,8 @@ from engine.models import imagenet_classes, load_model
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, scan_dataset, shard_fingerprint, shard_items, stage)
 from flows.report import publish_report
-from storage.store import Store
-from tasks.adversarial import attack_shard
+from storage.store import Store, fingerprint
+from tasks.adversarial import attack_shard, fit_universal
 
 
 def group_name(spec: AttackSpec) -> str:
@@ -49,6 +50,8 @@ def attack_spec(attack: str, norm: str = "linf", steps: int | None = None, step_
         raise InputError(f"unknown norm {norm!r}; use linf or l2")
     if steps is not None and steps < 1:
         raise InputError("--steps must be at least 1")
+    if attack == "universal" and targeted is not None:
+        raise InputError("the universal perturbation is untargeted; drop --targeted")
     size = parse_eps_list([step_size])[0] if step_size is not None else None
     target = parse_class(targeted, imagenet_classes()) if targeted is not None else None
     return AttackSpec(attack, norm, steps, size, random_start, target)
@@ -86,12 +89,32 @@ def summarize(store: Store, group: str, keys: list[str], labels: np.ndarray, ok:
     return out
 
 
+def fit_universal_once(opts: RunOptions, store: Store, job: str, group: str, manifest, spec: AttackSpec,
+                       eps: list[float], keys: list[str], prov: dict, params: list[dict], images: int) -> dict:
+    """Fit (or find already fitted) the universal perturbations; returns the fit's facts."""
+    if images < 1:
+        raise InputError("--universal-images must be at least 1")
+    ok = manifest[manifest["status"] == "ok"].head(images)
+    items = [(int(i), str(Path(opts.data) / p)) for i, p in zip(ok.index, ok["path"])]
+    fp = fingerprint(job, list(zip(ok["path"], ok["sha256"])), prov, params, opts.batch_size)
+    with stage(store, job, "fit"):
+        done = store.shard_done(job, "universal", fp)
+        if done is None:
+            done = fit_universal(opts.store, job, group, items, opts.model, opts.weights, opts.device,
+                                 opts.batch_size, asdict(spec), eps, keys, fp)
+    return {**done, "fingerprint": fp}
+
+
 def run_adversarial(opts: RunOptions, store: Store, attack: str = "fgsm",
                     eps_list: list[str | float] | str = ("1/255", "2/255", "4/255", "8/255"),
                     targeted: int | str | None = None, norm: str = "linf", steps: int | None = None,
                     step_size: float | str | None = None, random_start: bool = True, seed: int = 0,
-                    transfer_model: str | None = None, transfer_weights: str | None = None) -> dict:
-    """Scan, attack every shard at every eps, summarise into the group's attrs. Used by demo too."""
+                    transfer_model: str | None = None, transfer_weights: str | None = None,
+                    universal_images: int = 64) -> dict:
+    """Scan, attack every shard at every eps, summarise into the group's attrs. Used by demo too.
+
+    `universal` first fits one perturbation per eps on the first `universal_images` usable
+    images (one task; `steps` = sweeps), then every shard applies it."""
     spec = attack_spec(attack, norm, steps, step_size, random_start, targeted)
     eps = parse_eps_list(eps_list)
     if transfer_weights and not transfer_model:
@@ -124,7 +147,10 @@ def run_adversarial(opts: RunOptions, store: Store, attack: str = "fgsm",
                                chunks=(1, crop, crop, 3) if image else (opts.shard_size,),
                                attrs={**prov, **(p or {}), **({"gain": gain, "display": "128 + gain * (adv - clean)"}
                                                                if name == "perturbation" else {})})
-    fps = [shard_fingerprint(job, manifest, s, prov, params, seed, opts.batch_size, transfer_prov) for s in shards]
+    fitted = fit_universal_once(opts, store, job, group, manifest, spec, eps, keys, prov, params,
+                                universal_images) if spec.attack == "universal" else None
+    fps = [shard_fingerprint(job, manifest, s, prov, params, seed, opts.batch_size, transfer_prov, fitted)
+           for s in shards]
     with stage(store, job, "attack"):
         results = map_shards(attack_shard, store, job, shards, fps, lambda s: dict(
             store_path=opts.store, job=job, group=group, shard=s.id, start=s.start, stop=s.stop,
@@ -136,7 +162,7 @@ def run_adversarial(opts: RunOptions, store: Store, attack: str = "fgsm",
     summary = summarize(store, group, keys, labels, ok, spec.targeted, transfer is not None)
     for row, e in zip(summary["per_eps"], eps):
         row.update(eps=e, label=eps_label(e, norm))
-    store.update_attrs(root, **prov, attack=spec.attack, norm=norm, targeted=spec.targeted,
+    store.update_attrs(root, **prov, attack=spec.attack, universal=fitted, norm=norm, targeted=spec.targeted,
                        target_name=classes.names[spec.targeted] if spec.targeted is not None else None,
                        params=params, seed=seed, keys=keys, transfer=transfer_prov, summary=summary)
     record_job(store, job, opts, attack=spec.attack, norm=norm, eps=[eps_label(e, norm) for e in eps],
@@ -150,11 +176,12 @@ def adversarial_flow(opts: RunOptions, attack: str = "fgsm",
                      eps_list: list[str | float] | str = ("1/255", "2/255", "4/255", "8/255"),
                      targeted: int | str | None = None, norm: str = "linf", steps: int | None = None,
                      step_size: float | str | None = None, random_start: bool = True, seed: int = 0,
-                     transfer_model: str | None = None, transfer_weights: str | None = None) -> dict:
+                     transfer_model: str | None = None, transfer_weights: str | None = None,
+                     universal_images: int = 64) -> dict:
     opts = resolve_paths(opts, "adversarial")
     store = Store(opts.store)
     with store.lock():
         summary = run_adversarial(opts, store, attack, eps_list, targeted, norm, steps, step_size, random_start,
-                                  seed, transfer_model, transfer_weights)
+                                  seed, transfer_model, transfer_weights, universal_images)
         report = publish_report(opts.store, opts.report)
     return {"store": opts.store, "report": str(report), **summary}

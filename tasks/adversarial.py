@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from prefect import task
 
-from engine.attacks import AttackSpec, amplified, perturbation_norms, pixel_forward, to_pixels, to_uint8
+from engine.attacks import (AttackSpec, amplified, perturbation_norms, pixel_forward, to_pixels, to_uint8,
+                            universal_perturbation)
 from engine.images import iter_batches
 from engine.inference import run_model
 from engine.models import LoadedModel, cached_model
@@ -33,6 +34,29 @@ def write_batch_rows(store: Store, name: str, indices: np.ndarray, data: np.ndar
     store.write_rows(name, int(indices[0]), block)
 
 
+@task(name="adversarial-universal", retries=1, retry_delay_seconds=1)
+def fit_universal(store_path: str, job: str, group: str, items: list[tuple[int, str]], model: str,
+                  weights: str | None, device: str, batch_size: int, spec: dict, eps_list: list[float],
+                  keys: list[str], fp: str) -> dict:
+    """One universal perturbation per eps, fitted on `items`, into `/adversarial/<group>/<eps>/delta`."""
+    m = cached_model(model, weights, device)
+    attack = AttackSpec(**spec)
+    store = Store(store_path)
+    batches = [to_pixels(b.images).to(m.device) for b in iter_batches(items, m.preprocessing, batch_size)
+               if len(b.indices)]
+    rates = {}
+    for eps, key in zip(eps_list, keys):
+        p = attack.resolved(eps)
+        with m.lock:  # other threads' hooks must not fire inside our forward passes
+            delta, rates[key] = universal_perturbation(pixel_forward(m), batches, eps, attack.norm, p["step_size"],
+                                                       epochs=p["steps"])
+        store.write_array(f"adversarial/{group}/{key}/delta", delta.cpu().numpy(),
+                          attrs={**p, "fitted_on": len(items), "fooling_rate_per_sweep": rates[key]})
+    result = {"fooling_rate_per_sweep": rates, "fitted_on": sum(len(b) for b in batches)}
+    store.mark_shard_done(job, "universal", fp, result)
+    return result
+
+
 @task(name="adversarial-shard", retries=1, retry_delay_seconds=1)
 def attack_shard(store_path: str, job: str, group: str, shard: int, start: int, stop: int,
                  items: list[tuple[int, str]], labels: list[int], model: str, weights: str | None, device: str,
@@ -43,6 +67,8 @@ def attack_shard(store_path: str, job: str, group: str, shard: int, start: int, 
     attack = AttackSpec(**spec)
     forward = pixel_forward(m)
     store = Store(store_path)
+    deltas = ({key: torch.from_numpy(store.read(f"adversarial/{group}/{key}/delta")).to(m.device) for key in keys}
+              if attack.attack == "universal" else {})
     n = stop - start
     out: dict[str, np.ndarray] = {}  # per-image results of the shard; -1 / 0 for undecodable rows
     for k in ["clean", *keys]:
@@ -68,8 +94,11 @@ def attack_shard(store_path: str, job: str, group: str, shard: int, start: int, 
         x = to_pixels(clean).to(m.device)
         generator = torch.Generator(m.device).manual_seed(seed * 1_000_003 + int(batch.indices[0]))
         for eps, key, gain in zip(eps_list, keys, gains):
-            with m.lock:  # other threads' hooks must not fire inside our forward passes
-                adv = to_uint8(attack.run(forward, x, target, eps, generator))
+            if deltas:
+                adv = to_uint8(torch.clamp(x + deltas[key], 0, 1))
+            else:
+                with m.lock:  # other threads' hooks must not fire inside our forward passes
+                    adv = to_uint8(attack.run(forward, x, target, eps, generator))
             pred, conf = classify(m, adv)
             out[f"{key}/pred"][rows], out[f"{key}/conf"][rows] = pred, conf
             if other is not None:

@@ -98,7 +98,8 @@ def parse(argv):
 
 
 @pytest.mark.parametrize("extra", [["--eps", "4/0"], ["--eps", "x,1/255"], ["--targeted", "not-a-class"],
-                                   ["--step-size", "-1"], ["--transfer-weights", "w.pth"], ["--steps", "0"]])
+                                   ["--step-size", "-1"], ["--transfer-weights", "w.pth"], ["--steps", "0"],
+                                   ["--attack", "universal", "--targeted", "banana"]])
 def test_bad_arguments_are_input_errors(demo_data, extra):
     with pytest.raises(InputError):
         command.run(parse(["--data", str(demo_data), *extra]))
@@ -107,3 +108,21 @@ def test_bad_arguments_are_input_errors(demo_data, extra):
 def test_fractions_and_classes_parse(demo_data):
     args = parse(["--data", str(demo_data), "--attack", "bim", "--eps", "1/255,0.5/255", "--targeted", "banana"])
     assert args.attack == "bim" and args.eps == "1/255,0.5/255" and args.targeted == "banana"
+
+
+def test_universal_perturbation_job(prefect_api, demo_data, tmp_path):
+    """One perturbation per eps, fitted on 4 images, applied to every image of the dataset."""
+    opts = RunOptions(data=str(demo_data), store=str(tmp_path / "u.zarr"), limit=6, batch_size=4, shard_size=4)
+    result = adversarial_flow(opts, attack="universal", eps_list="8/255", steps=2, universal_images=4)
+    store = Store(opts.store, mode="r")
+    root = "adversarial/universal-linf"
+    assert result["group"] == "universal-linf"
+    delta = store.read(f"{root}/8_255/delta")
+    assert delta.shape == (3, 224, 224) and np.abs(delta).max() <= 8 / 255 + 1e-6 and np.abs(delta).max() > 0
+    clean = store.read(f"{root}/clean/images")
+    x = clean.astype(np.float32) / np.float32(255)
+    expected = np.round(np.clip(x + delta.transpose(1, 2, 0), 0, 1) * np.float32(255)).astype(np.uint8)
+    assert np.array_equal(store.read(f"{root}/8_255/images"), expected)
+    attrs = store.attrs(root)
+    assert attrs["universal"]["fitted_on"] == 4 and len(attrs["universal"]["fooling_rate_per_sweep"]["8_255"]) <= 2
+    assert "fitted on the first 4 images" in (Path(result["report"]).parent / "adversarial" / "universal-linf.html").read_text()
