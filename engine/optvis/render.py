@@ -143,7 +143,7 @@ def tiled_gradient(model: LoadedModel, net: nn.Module, objective: Objective, x: 
             loss = objective({layer: act[..., cy0:cy1, cx0:cx1]}, win)
             (g,) = torch.autograd.grad(loss, win)
             grad[..., wy0:wy1, wx0:wx1] += g
-            total += float(loss)
+            total += float(loss.detach())
     return total, grad
 
 

@@ -1,0 +1,165 @@
+"""Render engine: Gram/style/content invariants, tiled DeepDream gradients, every optimisation
+loop on a real image (large loss decrease, bit-for-bit reproducible), fast-style sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.optvis import objectives as obj
+from engine.optvis.param import image_to_tensor
+from engine.optvis.render import forward_layers, network, tiled_gradient
+from engine.style import fit_size, mean_grams, normalize, style_objective
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """64 px renders gain nothing from a second thread, and lose a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def photo(shared_images):
+    from engine.images import open_image
+
+    img = np.asarray(open_image(shared_images / "n02112137" / "n02112137_chow.JPEG"))
+    return fit_size(image_to_tensor(img), SIZE)[..., :SIZE, :SIZE].contiguous()
+
+
+@pytest.fixture(scope="session")
+def other_photo(shared_images):
+    from engine.images import open_image
+
+    img = np.asarray(open_image(shared_images / "n02391049" / "n02391049_zebra.JPEG"))
+    return fit_size(image_to_tensor(img), SIZE)[..., :SIZE, :SIZE].contiguous()
+
+
+def _acts(model, x, layers, smooth=None):
+    return forward_layers(model, network(model, smooth), normalize(model, x), layers)
+
+
+def test_gram_is_invariant_to_a_permutation_of_pixels(model, photo):
+    f = _acts(model, photo, ["_blocks.3"])["_blocks.3"].detach().double()  # exact sums
+    b, c, h, w = f.shape
+    perm = torch.randperm(h * w, generator=torch.Generator().manual_seed(1))
+    shuffled = f.flatten(2)[..., perm].view(b, c, h, w)
+    g, gs = obj.gram(f), obj.gram(shuffled)
+    assert not torch.equal(f, shuffled)
+    torch.testing.assert_close(gs, g, rtol=1e-10, atol=1e-9)
+    # and it is F F^T: brute force over positions
+    brute = sum(torch.outer(f[0, :, i, j], f[0, :, i, j]) for i in range(h) for j in range(w))
+    torch.testing.assert_close(g[0], brute, rtol=1e-10, atol=1e-9)
+
+
+def test_style_loss_is_zero_for_the_style_image_and_positive_otherwise(model, photo, other_photo):
+    layers = ("_bn0", "_blocks.1", "_blocks.3", "_blocks.5")
+    net = network(model, 2.0)
+    style = style_objective(model, net, [photo], layers, None, None)
+    same = style(_acts(model, photo, style.layers, 2.0), photo)
+    other = style(_acts(model, other_photo, style.layers, 2.0), other_photo)
+    assert float(same) == pytest.approx(0.0, abs=1e-9)
+    assert float(other) > 1e-3
+    # E_l = 1/(4 N^2 M^2) sum (G - G_s)^2 with unnormalised G when sizes agree
+    f = _acts(model, other_photo, ["_blocks.3"], 2.0)["_blocks.3"][0]
+    fs = _acts(model, photo, ["_blocks.3"], 2.0)["_blocks.3"][0]
+    n, m = f.shape[0], f.shape[1] * f.shape[2]
+    lecture = ((obj.gram(f[None]) - obj.gram(fs[None])) ** 2).sum() / (4 * n * n * m * m)
+    mine = obj.style("_blocks.3", mean_grams(model, net, photo, ("_blocks.3",))["_blocks.3"])
+    torch.testing.assert_close(mine({"_blocks.3": f[None]}, other_photo), lecture, rtol=1e-4, atol=0)
+
+
+def test_content_loss_and_its_gradient_are_zero_at_the_content_image(model, photo, other_photo):
+    target = _acts(model, photo, ["_blocks.5"])["_blocks.5"].detach()
+    loss_fn = obj.content("_blocks.5", target)
+    x = photo.clone().requires_grad_(True)
+    loss = loss_fn(_acts(model, x, ["_blocks.5"]), x)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert float(x.grad.abs().max()) == 0.0
+    y = other_photo.clone().requires_grad_(True)
+    loss_fn(_acts(model, y, ["_blocks.5"]), y).backward()
+    assert float(y.grad.abs().max()) > 0
+
+
+def test_tiled_dream_gradient_equals_untiled_when_tiles_overlap_enough(model, photo):
+    from engine.receptive_field import receptive_fields
+
+    layer = "_blocks.2"
+    x = normalize(model, photo).requires_grad_(True)
+    objective = obj.dream(layer)
+    full = objective(forward_layers(model, model.module, x, [layer]), x)
+    (g_full,) = torch.autograd.grad(full, x)
+    overlap = max(receptive_fields(model)[layer].size)
+    value, g_tiled = tiled_gradient(model, model.module, objective, x, core=16, overlap=overlap)
+    assert value == pytest.approx(float(full), rel=1e-4)
+    torch.testing.assert_close(g_tiled, g_full, rtol=1e-3, atol=1e-3 * float(g_full.abs().max()))
+    # without overlap the tile borders change the gradient: the test can tell
+    _, g_cut = tiled_gradient(model, model.module, objective, x, core=16, overlap=0)
+    assert float((g_cut - g_full).abs().max()) > 0.05 * float(g_full.abs().max())
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    return (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _loops(photo, other_photo):
+    from engine.classvis import ClassVisOptions, InvertOptions, class_visualisation, invert_features
+    from engine.dream import DreamOptions, deep_dream
+    from engine.optvis.featvis import feature_visualisation
+    from engine.style import StyleOptions, TextureOptions, style_transfer, synthesize_texture
+
+    c, s = _uint8(photo), _uint8(other_photo)
+    return {
+        # kind: (run(model) -> RenderResult, how much the loss must fall)
+        "style": (lambda m: style_transfer(m, c, [s], StyleOptions(size=SIZE, steps=16)), "ratio"),
+        "texture": (lambda m: synthesize_texture(m, s, TextureOptions(size=SIZE, steps=8)), "ratio"),
+        "invert": (lambda m: invert_features(m, c, InvertOptions(size=SIZE, steps=10, jitter=0)), "ratio"),
+        "dream": (lambda m: deep_dream(m, c, DreamOptions(layer="_blocks.4", octaves=1, steps=6, lr=0.05)), "ascent"),
+        "classvis": (lambda m: class_visualisation(m, 340, ClassVisOptions(size=SIZE, steps=10)), "ascent"),
+        "featvis": (lambda m: feature_visualisation(m, "_blocks.6", 3, size=SIZE, steps=10), "ascent"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["style", "texture", "invert", "dream", "classvis", "featvis"])
+def test_every_loop_improves_a_lot_and_is_reproducible(model, photo, other_photo, kind):
+    run, how = _loops(photo, other_photo)[kind]
+    first, again = run(model), run(model)
+    losses = first.losses
+    if how == "ratio":  # a loss bounded below by 0 falls by a large factor
+        assert losses[-1] < 0.3 * losses[0], losses
+    else:  # an ascent objective (negative loss): the excited quantity grows a lot
+        assert -losses[-1] > -losses[0] + 0.5 * abs(losses[0]) + 1.0, losses
+    assert first.images.dtype == np.uint8 and first.images.shape[-1] == 3
+    np.testing.assert_array_equal(first.images, again.images)
+
+
+def test_fast_style_trains_and_keeps_odd_input_sizes(model, photo, other_photo):
+    from engine.fast_style import Checkpoint, FastStyleOptions, TransformNet, apply_fast_style, train_fast_style
+
+    net = TransformNet(width=8, blocks=1, n_styles=2)
+    for h, w in [(37, 53), (64, 65), (5, 7)]:
+        assert net(torch.rand(1, 3, h, w), [0.3, 0.7]).shape == (1, 3, h, w)
+    content = [_uint8(photo)]
+    ck, losses = train_fast_style(model, content, [_uint8(other_photo)],
+                                  FastStyleOptions(width=8, blocks=1, size=32, batch=1, steps=15, lr=1e-2))
+    assert losses[-5:].mean() < 0.5 * losses[:3].mean()
+    out = apply_fast_style(ck.build(), _uint8(photo)[:41, :39])
+    assert out.shape == (41, 39, 3) and out.dtype == np.uint8
+
+
+def test_fast_style_checkpoint_round_trips_without_pickle(tmp_path):
+    from engine.fast_style import Checkpoint, TransformNet
+
+    net = TransformNet(width=4, blocks=1, n_styles=3)
+    ck = Checkpoint.of(net, note="x")
+    ck.save_npz(tmp_path / "ck.npz")
+    back = Checkpoint.load_npz(tmp_path / "ck.npz")
+    assert back.config["n_styles"] == 3 and back.config["note"] == "x"
+    x = torch.rand(1, 3, 20, 21)
+    torch.testing.assert_close(back.build()(x, 2), net.eval()(x, 2))
