@@ -29,7 +29,7 @@ from engine.attacks import (ATTACKS, AttackSpec, amplification, eps_key, eps_lab
                             parse_eps_list)
 from engine.errors import InputError
 from engine.images import label_index
-from engine.models import imagenet_classes, load_model
+from engine.models import cached_model, imagenet_classes
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, scan_dataset, shard_fingerprint, shard_items, stage)
 from flows.report import publish_report
@@ -120,7 +120,7 @@ def run_adversarial(opts: RunOptions, store: Store, attack: str = "fgsm",
     if transfer_weights and not transfer_model:
         raise InputError("--transfer-weights needs --transfer-model NAME")
     transfer = (transfer_model, transfer_weights) if transfer_model else None
-    transfer_prov = load_model(transfer_model, transfer_weights, opts.device).describe() if transfer else None
+    transfer_prov = cached_model(transfer_model, transfer_weights, opts.device).describe() if transfer else None
     group = group_name(spec)
     job = f"adversarial-{group}"
     keys = [eps_key(e, norm) for e in eps]
@@ -133,7 +133,7 @@ def run_adversarial(opts: RunOptions, store: Store, attack: str = "fgsm",
     labels = np.array([label_index(lab, classes.index_of) for lab in manifest["label"]], dtype=np.int32)
     shards = plan_shards(n, opts.shard_size)
     prov = model_provenance(opts)
-    crop = load_model(opts.model, opts.weights, opts.device).preprocessing.crop
+    crop = cached_model(opts.model, opts.weights, opts.device).preprocessing.crop
     params = [spec.resolved(e) for e in eps]
     root = f"adversarial/{group}"
     store.write_array(f"{root}/label", labels, attrs={"what": "true class index, -1 if unknown"})
