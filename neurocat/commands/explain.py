@@ -1,0 +1,64 @@
+from neurocat.cli import run_options, with_runner
+
+HELP = "attribution maps (saliency, Grad-CAM, ...), their faithfulness scores and saliency-seeded masks"
+JOB = True
+DEFAULT_METHODS = "saliency,guided_backprop,gradcam,guided_gradcam,cam"
+
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("explain")
+    g.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated: saliency, guided_backprop, gradcam, guided_gradcam, cam, occlusion, "
+                        f"integrated_gradients, smoothgrad (default {DEFAULT_METHODS})")
+    g.add_argument("--target", default="pred", help="class to explain: pred | label | a class index (default pred)")
+    g.add_argument("--layer", help="Grad-CAM layer (default: the activation a GAP net pools, else last_conv)")
+    g.add_argument("--ig-steps", type=int, default=64, help="integrated gradients: quadrature nodes (default 64)")
+    g.add_argument("--ig-baseline", type=float, default=0.0,
+                   help="integrated gradients: baseline value after normalisation (default 0 = mean colour)")
+    g.add_argument("--smoothgrad-samples", type=int, default=16)
+    g.add_argument("--smoothgrad-noise", type=float, default=0.15, help="noise std / (max - min) of the image")
+    g.add_argument("--occlusion-patch", type=int, default=32)
+    g.add_argument("--occlusion-stride", type=int, default=16)
+    g.add_argument("--occlusion-baseline", type=float, default=0.0,
+                   help="value of the occluder after normalisation (default 0 = mean colour)")
+    g.add_argument("--faithfulness-steps", type=int, default=10,
+                   help="points of the deletion/insertion curves (0: no faithfulness scores)")
+    g.add_argument("--segment-with", default="auto",
+                   help="method whose map seeds GrabCut masks (default: saliency if run, else the first; 'none': no masks)")
+    g.add_argument("--max-images", type=int, help="explain only the first N files")
+
+
+def method_params(args) -> dict:
+    """Per-method keyword arguments of engine.attribution from the command line."""
+    from engine.errors import InputError
+
+    if args.ig_steps < 1 or args.smoothgrad_samples < 1 or args.faithfulness_steps < 0 or \
+            (args.max_images is not None and args.max_images < 1):
+        raise InputError("--ig-steps, --smoothgrad-samples and --max-images must be positive, "
+                         "--faithfulness-steps not negative")
+    return {
+        "gradcam": {"layer": args.layer}, "guided_gradcam": {"layer": args.layer},
+        "integrated_gradients": {"steps": args.ig_steps, "baseline": args.ig_baseline},
+        "smoothgrad": {"samples": args.smoothgrad_samples, "noise": args.smoothgrad_noise},
+        "occlusion": {"patch": args.occlusion_patch, "stride": args.occlusion_stride,
+                      "baseline": args.occlusion_baseline},
+    }
+
+
+def run(args) -> dict:
+    from engine.attribution import occluder_masks, parse_methods, parse_target
+    from engine.models import load_model
+    from flows.explain import explain_flow
+
+    methods = parse_methods(args.methods)
+    target = parse_target(args.target)
+    params = {m: p for m, p in method_params(args).items() if m in methods}
+    opts = run_options(args)
+    model = load_model(opts.model, opts.weights, opts.device)
+    if "occlusion" in methods:
+        occluder_masks(model.preprocessing.crop, args.occlusion_patch, args.occlusion_stride)  # checks patch, stride
+    if args.layer:
+        model.resolve(args.layer)  # a clear error for a bad layer name
+    segment_with = None if args.segment_with == "none" else args.segment_with
+    return with_runner(explain_flow, opts)(opts, methods, target, params, args.faithfulness_steps, segment_with,
+                                           args.max_images)
