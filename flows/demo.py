@@ -11,6 +11,7 @@ from flows.audit import run_audit
 from flows.catalog import run_catalog
 from flows.common import RunOptions, resolve_paths
 from flows.embed import run_embed
+from flows.explain import run_explain
 from flows.predict import run_predict
 from flows.render import run_demo_renders
 from flows.report import publish_report
@@ -35,6 +36,7 @@ def demo_flow(opts: RunOptions) -> dict:
         run_catalog(opts, store, top_k=8, bottom_k=4, featvis_n=2, projections=16)
         run_audit(opts, store)  # the planted copy_of_*.jpg shows up as a near-duplicate
         run_adversarial(opts, store, "fgsm", ["2/255", "8/255"])  # cheap: one gradient per image and eps
+        run_explain(opts, store, "saliency,gradcam,guided_gradcam,cam", "pred", steps=5, max_images=8)  # kept cheap
         run_demo_renders(opts, store)  # a few small renders
         report = publish_report(opts.store, opts.report)
     return {"store": opts.store, "report": str(report), "images": len(table)}
