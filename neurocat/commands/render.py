@@ -1,0 +1,236 @@
+"""`neurocat render KIND ...`: DeepDream, style, texture, fast style, class and feature visualisation, inversion.
+
+Each kind has its own subparser (argparse cannot take the common options after a
+subcommand otherwise). Inputs are image files or folders given as arguments (or --data).
+A comma list in --style-weight (style) or --classes / --channels renders a grid, one task each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from neurocat.cli import add_common_options, run_options, with_runner
+
+HELP = "render DeepDream, style transfer, textures, fast style, class/feature visualisations, inversions"
+JOB = False
+KINDS = ["dream", "style", "texture", "fast-style", "classvis", "invert", "featvis"]
+
+
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def _common(sp, size: int, steps: int, images: bool) -> None:
+    add_common_options(sp, data_required=False)
+    if images:
+        sp.add_argument("images", nargs="*", help="image files or folders (default: --data)")
+    sp.add_argument("--size", type=int, default=size, help="render size in pixels (shorter side)")
+    sp.add_argument("--steps", type=int, default=steps)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--lr", type=float, help="step size (default: the kind's tuned value)")
+    sp.add_argument("--record", default="", help="steps to keep as intermediate images, e.g. 10,50")
+    sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    sp.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+
+
+def _adversarial_module():
+    try:
+        return importlib.import_module("neurocat.commands.adversarial")
+    except ModuleNotFoundError as e:
+        if e.name == "neurocat.commands.adversarial":
+            return None
+        raise
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    sp = sub.add_parser("dream", help="DeepDream: amplify a layer's activations in photos")
+    _common(sp, 224, 10, True)
+    sp.add_argument("--layer", default="_blocks.10")
+    sp.add_argument("--channel", type=int)
+    sp.add_argument("--octaves", type=int, default=4)
+    sp.add_argument("--octave-scale", type=float, default=1.4)
+    sp.add_argument("--jitter", type=int, default=32)
+    sp.add_argument("--tile", type=int, help="compute gradients in tiles of this many pixels")
+    sp.add_argument("--overlap", type=int, default=64)
+
+    sp = sub.add_parser("style", help="neural style transfer (Gatys): content images in the style of --style")
+    _common(sp, 224, 150, True)
+    sp.add_argument("--style", action="append", required=True, help="style image (repeat to blend styles)")
+    sp.add_argument("--blend", help="weights of the style images, e.g. 0.7,0.3")
+    sp.add_argument("--style-weight", default="3", help="one value, or a comma list for a grid")
+    sp.add_argument("--content-weight", type=float, default=1.0)
+    sp.add_argument("--tv-weight", type=float, default=0.0)
+    sp.add_argument("--style-scale", type=float, default=1.0)
+    sp.add_argument("--style-layers", help="comma list (default: the model's tuned layers)")
+    sp.add_argument("--content-layer")
+    sp.add_argument("--init", default="content", choices=["content", "style", "noise"])
+    sp.add_argument("--preserve-color", default="none", choices=["none", "luminance", "histogram"])
+    sp.add_argument("--optimizer", default="lbfgs", choices=["lbfgs", "adam"])
+
+    sp = sub.add_parser("texture", help="texture synthesis from Gram matrices of each source image")
+    _common(sp, 224, 200, True)
+    sp.add_argument("--layers", help="comma list (default: the model's style layers)")
+    sp.add_argument("--optimizer", default="lbfgs", choices=["lbfgs", "adam"])
+
+    sp = sub.add_parser("fast-style", help="train a Johnson transform net for --style, apply it to the images")
+    _common(sp, 0, 300, True)
+    sp.add_argument("--style", action="append", required=True, help="style image (repeat: conditional IN)")
+    sp.add_argument("--apply-style", default="0", help="style index, or blend weights like 0.5,0.5")
+    sp.add_argument("--train-data", help="folder of training images (default: the images)")
+    sp.add_argument("--train-size", type=int, default=128)
+    sp.add_argument("--width", type=int, default=16)
+    sp.add_argument("--blocks", type=int, default=3)
+    sp.add_argument("--style-weight", type=float, default=3.0)
+    sp.add_argument("--name", default="default", help="checkpoint name in the store")
+
+    sp = sub.add_parser("classvis", help="class visualisation by regularised gradient ascent")
+    _common(sp, 224, 200, False)
+    sp.add_argument("--classes", required=True, help="class indices or WordNet ids, comma separated")
+    sp.add_argument("--l2-weight", type=float, default=1.0)
+    sp.add_argument("--decay", type=float, default=0.001)
+    sp.add_argument("--blur-every", type=int, default=4)
+    sp.add_argument("--blur-sigma", type=float, default=0.5)
+    sp.add_argument("--clip-norm-pct", type=float, default=10.0)
+    sp.add_argument("--clip-contribution-pct", type=float, default=10.0)
+    sp.add_argument("--jitter", type=int, default=8)
+
+    sp = sub.add_parser("invert", help="feature inversion: an image with the same embedding")
+    _common(sp, 224, 200, True)
+    sp.add_argument("--layer", default="fc7")
+    sp.add_argument("--tv-weight", type=float, default=0.5)
+    sp.add_argument("--tv-beta", type=float, default=2.0)
+
+    sp = sub.add_parser("featvis", help="feature visualisation of units (the catalogue's implementation)")
+    _common(sp, 128, 128, False)
+    sp.add_argument("--layer", required=True)
+    sp.add_argument("--channels", required=True, help="comma list of channel indices")
+
+    adversarial = _adversarial_module()
+    if adversarial is not None:
+        sp = sub.add_parser("adversarial", help=adversarial.HELP)
+        adversarial.add_arguments(sp)  # adds the common options itself
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+
+
+def input_files(args) -> list[str]:
+    """Image paths from the positional arguments (files or folders) or --data, --limit applied."""
+    from engine.errors import InputError
+    from engine.images import list_images
+
+    paths = []
+    for p in list(args.images or []) or ([args.data] if args.data else []):
+        path = Path(p)
+        if path.is_dir():
+            paths += [str(path / e.path) for e in list_images(path)]
+        elif path.is_file():
+            paths.append(str(path))
+        else:
+            raise InputError(f"no such image or folder: {p}")
+    if not paths:
+        raise InputError("give image files or folders (or --data)")
+    return paths[:args.limit] if args.limit else paths
+
+
+def _usable(paths: list[str]) -> list[str]:
+    """Drop files that cannot be decoded (said on stderr) so one bad file does not fail a grid."""
+    import sys
+
+    from engine.images import ImageError, open_image
+
+    ok = []
+    for p in paths:
+        try:
+            open_image(p)
+            ok.append(p)
+        except ImageError as e:
+            print(f"neurocat: skipping {p}: {e}", file=sys.stderr)
+    return ok
+
+
+def _stem(path: str) -> str:
+    return Path(path).stem
+
+
+def _kw(args, **extra) -> dict:
+    base = {"steps": args.steps, "seed": args.seed}
+    if args.lr is not None:
+        base["lr"] = args.lr
+    return {**base, **extra}
+
+
+def plan(args, model) -> tuple[list[dict], dict | None]:
+    """The kind's jobs (or fast style's one training + folder) from the parsed arguments."""
+    from engine.errors import InputError
+
+    record = _ints(args.record)
+    if args.kind == "classvis":
+        classes = [int(c) if c.strip().isdigit() else model.classes.index_of.get(c.strip(), -1)
+                   for c in args.classes.split(",")]
+        if any(not 0 <= c < len(model.classes) for c in classes):
+            raise InputError(f"unknown class in --classes {args.classes!r}")
+        params = _kw(args, size=args.size, l2_weight=args.l2_weight, decay=args.decay, blur_every=args.blur_every,
+                     blur_sigma=args.blur_sigma, clip_norm_pct=args.clip_norm_pct,
+                     clip_contribution_pct=args.clip_contribution_pct, jitter=args.jitter)
+        return [{"name": f"{c}-{model.classes.names[c]}".replace("/", "_"), "params": {**params, "class_index": c}}
+                for c in classes], None
+    if args.kind == "featvis":
+        layer = model.resolve(args.layer)
+        return [{"name": f"{layer}-{c}", "params": {"layer": layer, "channel": c, "size": args.size,
+                                                    **_kw(args), "record": record}}
+                for c in _ints(args.channels)], None
+    images = _usable(input_files(args))
+    if args.kind == "dream":
+        p = _kw(args, size=args.size, layer=model.resolve(args.layer), channel=args.channel, octaves=args.octaves,
+                octave_scale=args.octave_scale, jitter=args.jitter, tile=args.tile, overlap=args.overlap)
+        return [{"name": _stem(i), "params": p, "inputs": [i]} for i in images], None
+    if args.kind == "invert":
+        p = _kw(args, size=args.size, layer=args.layer, tv_weight=args.tv_weight, tv_beta=args.tv_beta)
+        return [{"name": _stem(i), "params": p, "inputs": [i]} for i in images], None
+    if args.kind == "texture":
+        p = _kw(args, size=args.size, optimizer=args.optimizer, record=record,
+                layers=args.layers.split(",") if args.layers else None)
+        return [{"name": _stem(i), "params": p, "inputs": [i]} for i in images], None
+    styles = _usable(args.style)
+    if len(styles) != len(args.style):
+        raise InputError("a --style image cannot be read")
+    if args.kind == "style":
+        jobs = []
+        for sw in _floats(args.style_weight):
+            p = _kw(args, size=args.size, style_weight=sw, content_weight=args.content_weight,
+                    tv_weight=args.tv_weight, style_scale=args.style_scale, init=args.init,
+                    preserve_color=args.preserve_color, optimizer=args.optimizer, record=record,
+                    blend=_floats(args.blend) if args.blend else None,
+                    style_layers=args.style_layers.split(",") if args.style_layers else None,
+                    content_layer=args.content_layer)
+            suffix = f"-sw{sw:g}" if "," in args.style_weight else ""
+            jobs += [{"name": _stem(i) + suffix, "params": p, "inputs": [i, *styles]} for i in images]
+        return jobs, None
+    train = _usable(input_files(argparse.Namespace(images=[args.train_data], data=None, limit=args.limit))) \
+        if args.train_data else images
+    apply_style = _floats(args.apply_style)
+    fast = {"name": args.name, "styles": styles, "train_images": train,
+            "params": _kw(args, size=args.train_size, width=args.width, blocks=args.blocks,
+                          style_weight=args.style_weight),
+            "apply_items": [(_stem(i), i) for i in images],
+            "style": int(apply_style[0]) if len(apply_style) == 1 else apply_style, "size": args.size or None}
+    return [], fast
+
+
+def run(args) -> dict:
+    if args.kind == "adversarial":
+        return _adversarial_module().run(args)
+    from flows.render import render_flow
+
+    from engine.models import cached_model
+
+    opts = run_options(args)
+    jobs, fast = plan(args, cached_model(opts.model, opts.weights, opts.device))
+    return with_runner(render_flow, opts)(opts, args.kind, jobs, fast)

@@ -1,0 +1,76 @@
+"""render_flow end to end on real images: arrays with full attrs, a grid as parallel tasks,
+a rerun that skips done renders, fast style over a folder, the gallery pages, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests.conftest import cli_env, neurocat_cmd
+
+
+@pytest.fixture(scope="module")
+def images(shared_images):
+    return [str(shared_images / "n02112137" / "n02112137_chow.JPEG"),
+            str(shared_images / "n02391049" / "n02391049_zebra.JPEG")]
+
+
+def _opts(tmp_path):
+    from flows.common import RunOptions
+
+    return RunOptions(store=str(tmp_path / "r.zarr"), report=str(tmp_path / "report"))
+
+
+def test_render_flow_writes_every_parameter_and_skips_done_renders(prefect_api, tmp_path, images):
+    from flows.render import render_flow
+    from storage.store import Store
+
+    params = {"size": 48, "steps": 4, "seed": 3, "style_weight": 3.0, "record": [2]}
+    jobs = [{"name": f"chow-sw{sw}", "params": {**params, "style_weight": sw}, "inputs": images}
+            for sw in (1.0, 10.0)]
+    out = render_flow(_opts(tmp_path), "style", jobs)
+    assert out["renders"] == 2 and out["skipped"] == 0
+    store = Store(out["store"], mode="r")
+    img = store.read("render/style/chow-sw1.0")
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) == 48
+    attrs = store.attrs("render/style/chow-sw1.0")
+    assert attrs["params"]["seed"] == 3 and attrs["params"]["style_weight"] == 1.0
+    assert attrs["model"] == "efficientnet_lite0" and attrs["weights_sha256"] and attrs["seconds"] > 0
+    assert attrs["inputs"] == images and attrs["finished"]
+    assert store.read("render/style/_steps/chow-sw1.0").shape[0] == 1
+    assert not np.array_equal(img, store.read("render/style/chow-sw10.0"))
+    page = (tmp_path / "report" / "render" / "style-1.html").read_text()
+    assert "chow-sw10.0" in page and "style_weight" in page
+    again = render_flow(_opts(tmp_path), "style", jobs)
+    assert again["skipped"] == 2
+
+
+def test_fast_style_flow_trains_once_and_stylises_a_folder(prefect_api, tmp_path, images):
+    from flows.render import render_flow
+    from storage.store import Store
+
+    fast = {"name": "zebra", "styles": [images[1]], "train_images": images[:1],
+            "params": {"size": 32, "batch": 1, "steps": 2, "width": 4, "blocks": 1},
+            "apply_items": [("chow", images[0]), ("zebra", images[1])], "style": 0, "size": 45}
+    out = render_flow(_opts(tmp_path), "fast-style", fast_style=fast)
+    store = Store(out["store"], mode="r")
+    assert out["rendered"] == 2
+    assert min(store.read("render/fast-style/chow").shape[:2]) == 45
+    assert store.attrs("render/fast-style/_checkpoints/zebra")["config"]["n_styles"] == 1
+
+
+@pytest.mark.slow
+def test_cli_render_featvis_and_classvis(prefect_api, tmp_path):
+    store = str(tmp_path / "c.zarr")
+    for args in (["featvis", "--layer", "_blocks.6", "--channels", "1,2", "--size", "48", "--steps", "4"],
+                 ["classvis", "--classes", "n02391049,1", "--size", "48", "--steps", "4"]):
+        r = subprocess.run([*neurocat_cmd(), "render", *args, "--store", store, "--json"],
+                           env=cli_env(prefect_api), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["renders"] == 2
+    bad = subprocess.run([*neurocat_cmd(), "render", "featvis", "--layer", "nope", "--channels", "1",
+                          "--store", store], env=cli_env(prefect_api), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no layer" in bad.stderr
