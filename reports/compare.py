@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from reports.site import (SECTION_MODULES, Report, Site, dataset_summary, model_summary, run_section,
-                          section_module, versions)
+                          versions)
 from storage.store import Store
 
 DATASET_ROWS = [("files", "files found"), ("ok", "usable images"), ("skipped", "skipped"),
@@ -56,11 +56,7 @@ def build_comparison(store_a: str | Path, store_b: str | Path, out_dir: str | Pa
     a, b = Store(store_a, mode="r"), Store(store_b, mode="r")
     site = Site(a, out_dir)
     shutil.copyfile(Path(__file__).with_name("static") / "style.css", site.out / "style.css")
-    statuses = []
-    for key in sections:
-        module = section_module(key)
-        if module is not None and hasattr(module, "compare"):
-            statuses.append(run_section(site, key.rsplit(".", 1)[-1], lambda: module.compare(site, a, b)))
+    statuses = [st for st in (run_section(site, key, "compare", a, b) for key in sections) if st is not None]
     ma, mb = a.read_manifest(), b.read_manifest()
     da, db = dataset_summary(ma), dataset_summary(mb)
     attrs_a, attrs_b = a.attrs(), b.attrs()

@@ -6,8 +6,9 @@ A section is a module `reports/sections/<key>.py` with
     compare(site, store_a, store_b) -> Section | None   # optional, for `neurocat report --compare`
 
 `build` may raise `SectionSkipped("why")` when the store has its inputs but nothing to
-show (the index says why); any other exception is caught by `build_site`, the index names
-the section and the error in one line, and every other section still renders.
+show (the index says why); any other exception, at import or build time, is caught by
+`build_site`: the index names the section and the error in one line, and every other
+section still renders.
 
 What a builder can use on `site` (all paths are relative to the report folder, '/'-separated):
 
@@ -318,8 +319,15 @@ class Site:
 
 
 def versions() -> dict[str, str]:
+    """Python and every installed dependency of neurocat (its metadata, all extras), plus VERSIONED."""
+    import re
+
+    try:
+        declared = [re.split(r"[\s\[<>=!~;(]", r, maxsplit=1)[0] for r in importlib.metadata.requires("neurocat") or []]
+    except importlib.metadata.PackageNotFoundError:
+        declared = []
     out = {"python": platform.python_version()}
-    for name in VERSIONED:
+    for name in dict.fromkeys([*VERSIONED, *declared]):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -338,19 +346,24 @@ def section_module(key: str):
         raise
 
 
-def run_section(site: Site, key: str, call) -> SectionStatus:
-    """Call one section's builder; turn its outcome (or exception) into a status, never raise."""
+def run_section(site: Site, key: str, hook: str = "build", *args) -> SectionStatus | None:
+    """Import section `key` and call its `hook(site, *args)`; turn the outcome (or the exception,
+    at import or build time) into a status, never raise. None: no such module or hook."""
+    short = key.rsplit(".", 1)[-1]
     try:
-        section = call()
+        module = section_module(key)
+        if module is None or not hasattr(module, hook):
+            return None
+        section = getattr(module, hook)(site, *args)
     except SectionSkipped as e:
-        return SectionStatus(key, "skipped", str(e))
+        return SectionStatus(short, "skipped", str(e))
     except Exception as e:  # noqa: BLE001 - one broken section must not take the report down
         traceback.print_exc()
-        return SectionStatus(key, "failed", one_line(e))
+        return SectionStatus(short, "failed", one_line(e))
     if section is None:
-        return SectionStatus(key, "absent")
+        return SectionStatus(short, "absent")
     site.sections.append(section)
-    return SectionStatus(key, "built", section=section)
+    return SectionStatus(short, "built", section=section)
 
 
 def model_summary(store: Store) -> list[dict]:
@@ -405,11 +418,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, sections: Sequence
     store = Store(store_path, mode="r")
     site = Site(store, out_dir)
     shutil.copyfile(Path(__file__).with_name("static") / "style.css", site.out / "style.css")
-    statuses = []
-    for key in sections:
-        module = section_module(key)
-        if module is not None:
-            statuses.append(run_section(site, key.rsplit(".", 1)[-1], lambda: module.build(site)))
+    statuses = [st for st in (run_section(site, key) for key in sections) if st is not None]
     manifest = site.manifest
     skipped = manifest[manifest["status"] != "ok"]
     skipped_rows = skipped[["path", "reason"]].to_dict("records")

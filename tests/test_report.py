@@ -111,6 +111,7 @@ class Crawl:
         self.dialogs: list[str] = []
         self.texts: dict[str, str] = {}
         self.pages: list[str] = []
+        self.base: str | None = None  # the report root: set by the first run
         self.page.on("console", lambda m: self.problems.append(f"console {m.type}: {m.text} ({self.page.url})")
                      if m.type in ("error", "warning") else None)
         self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
@@ -130,7 +131,7 @@ class Crawl:
 
     def run(self, start: str, max_depth: int | None = None) -> "Crawl":
         """Breadth-first from `start`; `max_depth` clicks at most (None: every reachable page)."""
-        base = start.rsplit("/", 1)[0] + "/"
+        self.base = base = self.base or start.rsplit("/", 1)[0] + "/"
         todo, seen = collections.deque([(start, 0)]), {start}
         while todo:
             url, depth = todo.popleft()
@@ -212,32 +213,60 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 # ---- browser tests ---------------------------------------------------------------------
-@pytest.mark.browser
-def test_demo_report_every_page_loads_from_file_and_http(browser, demo_run, http_root):
-    report = demo_run["report"]
-    index = (report / "index.html").as_uri()
+def check_whole_site(browser, report: Path) -> Crawl:
+    """Crawl a report from its index over file://, then visit the pages no link reaches; no problem allowed."""
     c = Crawl(browser)
     try:
-        c.run(index)
+        c.run((report / "index.html").as_uri())
         reached = set(c.pages)
         orphans = sorted(p.as_uri() for p in report.rglob("*.html") if p.as_uri() not in reached)
-        for page in orphans:  # pages no link reaches are still checked
+        for page in orphans:
             c.run(page, max_depth=0)
         assert not c.problems, "\n".join(c.problems[:20])
-        assert {report / "predict.html", report / "predict" / "all-1.html"} <= {Path(urllib.request.url2pathname(
-            urllib.parse.urlsplit(u).path)) for u in reached}
-        assert not [o for o in orphans if "/predict" in o], orphans
-        first_section = (report / "predict.html").as_uri()
-        shots = [c.shoot(index, "report-index-laptop.png"), c.shoot(index, "report-index-phone.png", PHONE),
-                 c.shoot(first_section, "report-predict-laptop.png"),
-                 c.shoot(first_section, "report-predict-phone.png", PHONE)]
-        assert all(p.stat().st_size > 10_000 for p in shots)
+        c.orphans = orphans
+        return c
     finally:
         c.close()
-    # the same site from a static web server: the index, every section and the pages they link
+
+
+@pytest.mark.browser
+def test_report_every_page_loads_from_file_and_http(browser, predict_run, http_root):
+    """The shipped data through the predict flow: every page, link and image, from disk and a web server."""
+    report = predict_run["report"]
+    c = check_whole_site(browser, report)
+    assert not c.orphans, c.orphans
+    assert {(report / n).as_uri() for n in ("index.html", "predict.html", "predict/all-1.html",
+                                             "predict/wrong-1.html")} <= set(c.pages)
+    over_http = crawl(browser, http_root(report) + "index.html")
+    assert not over_http.problems, "\n".join(over_http.problems[:20])
+    assert len(over_http.pages) == len(c.pages)
+    shots = Crawl(browser)
+    try:
+        index, section = (report / "index.html").as_uri(), (report / "predict.html").as_uri()
+        paths = [shots.shoot(index, "report-index-laptop.png"), shots.shoot(index, "report-index-phone.png", PHONE),
+                 shots.shoot(section, "report-predict-laptop.png"),
+                 shots.shoot(section, "report-predict-phone.png", PHONE)]
+    finally:
+        shots.close()
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_demo_report_every_section_every_page(browser, demo_run, http_root):
+    """The demo flow runs every job; its report's every page (all engineers' sections) must load cleanly."""
+    report = demo_run["report"]
+    c = check_whole_site(browser, report)
+    assert not [o for o in c.orphans if "/predict" in o], c.orphans
     over_http = crawl(browser, http_root(report) + "index.html", max_depth=2)
     assert not over_http.problems, "\n".join(over_http.problems[:20])
-    assert len(over_http.pages) > 4
+    shots = Crawl(browser)
+    try:
+        nav = re.search(r'<nav aria-label="sections">(.*?)</nav>', (report / "index.html").read_text()).group(1)
+        for href in ["index.html", *re.findall(r'href="([^"]+)"', nav)]:
+            shots.shoot((report / href).as_uri(), "demo-" + href.replace("/", "-").replace(".html", "-laptop.png"))
+    finally:
+        shots.close()
 
 
 @pytest.mark.browser
@@ -277,10 +306,14 @@ def test_failing_and_skipped_sections_do_not_stop_the_report(browser, predict_ru
     (package / "empty_section.py").write_text(
         "from reports.site import SectionSkipped\n"
         "def build(site):\n    raise SectionSkipped('no layer was catalogued in this run')\n")
+    (package / "unimportable_section.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     report = build_report(predict_run["store"], tmp_path / "out",
-                          ["extra_sections.broken_section", "predict", "extra_sections.empty_section"])
+                          ["extra_sections.broken_section", "predict", "extra_sections.empty_section",
+                           "extra_sections.unimportable_section", "extra_sections.no_such_module"])
     states = {st.key: st for st in report.statuses}
+    assert "no_such_module" not in states
+    assert states["unimportable_section"].reason == "ModuleNotFoundError: No module named 'no_such_dependency_xyz'"
     assert states["broken_section"].state == "failed" and "KeyError" in states["broken_section"].reason
     assert states["empty_section"].state == "skipped"
     assert states["predict"].state == "built"
