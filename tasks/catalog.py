@@ -25,6 +25,7 @@ from engine.optvis import visualize_unit
 from engine.receptive_field import receptive_fields
 from engine.topk import ChannelStats, LayerStates, merge_states, states_from_arrays, states_to_arrays
 from storage.store import Store
+from tasks.sharding import skip_if_done
 
 
 def _timed_batches(batches, seconds: dict):
@@ -41,6 +42,7 @@ def _timed_batches(batches, seconds: dict):
 
 
 @task(name="catalog-shard", retries=2, retry_delay_seconds=1)
+@skip_if_done
 def catalog_shard(store_path: str, job: str, shard: int, items: list[tuple[int, str]], labels: list[int],
                   model: str, weights: str | None, device: str, batch_size: int,
                   shapes: dict[str, tuple[int, int, int]], top_k: int, bottom_k: int, fp: str) -> dict:
@@ -103,6 +105,7 @@ def save_filter_grid(store_path: str, model: str, weights: str | None, device: s
 
 
 @task(name="catalog-patches", retries=2, retry_delay_seconds=1)
+@skip_if_done(id_param="block")
 def catalog_patches(store_path: str, job: str, block: int, data: str, channel_ranges: dict[str, tuple[int, int]],
                     model: str, weights: str | None, device: str, batch_size: int, projections: int,
                     rule: str, fp: str) -> dict:

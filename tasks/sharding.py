@@ -8,20 +8,22 @@ import inspect
 from storage.store import Store
 
 
-def skip_if_done(fn):
+def skip_if_done(fn=None, *, id_param: str = "shard"):
     """Return the shard's recorded result instead of recomputing it when its marker matches.
 
     `map_shards` only submits unfinished shards, but Dask may run a finished task again
     (a worker that held its result died, and the scheduler recomputes what it lost) and a
     Prefect retry may follow a write that did land; with this, such a rerun costs one
-    marker read. The task takes `store_path`, `job`, `shard` and `fp` parameters.
+    marker read. The task takes `store_path`, `job`, `fp` and the shard id `id_param`.
     """
+    if fn is None:
+        return functools.partial(skip_if_done, id_param=id_param)
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         bound = signature.bind(*args, **kwargs).arguments
-        done = Store(bound["store_path"]).shard_done(bound["job"], bound["shard"], bound["fp"])
+        done = Store(bound["store_path"]).shard_done(bound["job"], bound[id_param], bound["fp"])
         if done is not None:
             return done
         return fn(*args, **kwargs)
