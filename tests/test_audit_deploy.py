@@ -7,9 +7,11 @@ import json
 import re
 import subprocess
 import sys
+from uuid import UUID
 
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
 
 from conftest import ROOT, cli_env
 
@@ -32,7 +34,6 @@ def test_prefect_yaml_declares_a_scheduled_audit():
 @pytest.mark.slow
 def test_audit_deployment_runs_through_a_process_worker(prefect_api, demo_data, tmp_path):
     env = cli_env(prefect_api)
-    env["NEUROCAT_HOME"] = str(ROOT)
     prefect(["work-pool", "create", "neurocat-process", "--type", "process", "--overwrite"], env)
     prefect(["--no-prompt", "deploy", "--all"], env)
     listed = prefect(["deployment", "ls"], env).stdout
@@ -43,8 +44,10 @@ def test_audit_deployment_runs_through_a_process_worker(prefect_api, demo_data, 
               "previous": None, "settings": {"calibration_images": 4, "context_per_class": 0}}
     started = prefect(["deployment", "run", "audit/audit-weekly", "--params", json.dumps(params)], env).stdout
     run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started).group(1)
-    prefect(["worker", "start", "--pool", "neurocat-process", "--run-once"], env, timeout=900)
-    state = prefect(["flow-run", "inspect", run_id], env).stdout
-    assert re.search(r"type=StateType.COMPLETED|'type': 'COMPLETED'|COMPLETED", state), state[-2000:]
+    worker = prefect(["worker", "start", "--pool", "neurocat-process", "--run-once"], env, timeout=900)
+    (tmp_path / "worker.log").write_text(worker.stdout + worker.stderr)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(run_id))
+    assert run.state.is_completed(), (run.state, f"worker output in {tmp_path / 'worker.log'}")
     findings = json.loads((tmp_path / "r" / "findings.json").read_text())
     assert "near_duplicates" in findings and findings["imbalance"]["classes"]["counts"]
