@@ -112,7 +112,7 @@ def space_row(name: str, attrs: dict) -> dict:
     return {"space": name, "kind": attrs.get("kind"), "metric": attrs.get("metric"), "images": attrs.get("images"),
             "k": attrs.get("k"), "recall": rnd(attrs.get("recall@10")), "trust_pca": rnd(attrs.get("trust_pca")),
             "trust_tsne": rnd(attrs.get("trust_tsne")), "gpu": attrs.get("gpu"),
-            "seconds": ", ".join(f"{k} {v:.2f}" for k, v in t.items())}
+            "seconds": round(sum(t.values()), 2), "breakdown": ", ".join(f"{k} {v:.2f} s" for k, v in t.items())}
 
 
 def label_agreement(knn: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> float | None:
