@@ -36,6 +36,7 @@ What a builder can use on `site` (all paths are relative to the report folder, '
     site.figure(matplotlib figure, rel) -> rel              a PNG plot
     {{ value | fmt }}                  a float to 4 significant digits, a list as "a, b",
                                        a mapping as "k=v, ...", None as "–"
+    {{ iso_timestamp | when }}         "YYYY-MM-DD HH:MM:SS UTC"
     {% from "_macros.html" import thumb %}{{ thumb(root, rel, alt, size) }}
                                        an <img loading="lazy"> with width/height set (rel None:
                                        a placeholder)
@@ -138,15 +139,25 @@ def relative_href(target: str, from_page: str) -> str:
     return posixpath.relpath(target, posixpath.dirname(from_page) or ".")
 
 
-def fmt(value: Any) -> str:
-    """A parameter or fact as people read it: 0.7959, `a, b` for lists, `k=v` for mappings."""
+def fmt(value: Any, nested: bool = False) -> str:
+    """A parameter or fact as people read it: 0.7959, `a, b` for lists ([a, b] inside a
+    mapping), `k=v, ...` for mappings, – for None."""
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
-        return ", ".join(fmt(v) for v in value)
+        text = ", ".join(fmt(v, True) for v in value)
+        return f"[{text}]" if nested else text
     if isinstance(value, dict):
-        return ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
+        return ", ".join(f"{k}={fmt(v, True)}" for k, v in value.items())
     return "–" if value is None else str(value)
+
+
+def when(iso: str | None) -> str:
+    """An ISO timestamp as `YYYY-MM-DD HH:MM:SS UTC` (anything else unchanged)."""
+    try:
+        return datetime.fromisoformat(str(iso)).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return str(iso)
 
 
 def one_line(exc: BaseException) -> str:
@@ -168,6 +179,7 @@ class Site:
             undefined=jinja2.StrictUndefined,
         )
         self.env.filters["fmt"] = fmt
+        self.env.filters["when"] = when
         self.sections: list[Section] = []
         self.pages: list[str] = []
         self._manifest: pd.DataFrame | None = None
