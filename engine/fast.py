@@ -347,6 +347,7 @@ class FastModel:
             if self.options.compile is None and self.eager_seconds >= self.record.expected_seconds():
                 self._compile()  # ski rental: compiling now costs at most what eager already cost
             return out
+        x = _normal_tensor(x)
         if not self.compiled_batch:  # the first call compiles, for this input shape only
             self.compiled_batch, self.compiled_shape = len(x), x.shape[1:]
             start = time.perf_counter()
@@ -373,9 +374,18 @@ class FastModel:
         for i in range(0, n, b):
             part = x[i:i + b]
             if len(part) < b:
-                part = self._layout(torch.cat([part, part.new_zeros((b - len(part), *part.shape[1:]))]))
+                with torch.inference_mode(False):
+                    part = self._layout(torch.cat([part, part.new_zeros((b - len(part), *part.shape[1:]))]))
             pieces.append([o[: min(b, n - i)] for o in self.compiled(part)])
         return [torch.cat(parts) for parts in zip(*pieces)]
+
+
+def _normal_tensor(x: torch.Tensor) -> torch.Tensor:
+    """`x`, not an inference tensor: compiled graphs guard on that (a mismatch recompiles)."""
+    if not x.is_inference():
+        return x
+    with torch.inference_mode(False):
+        return x.clone()
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

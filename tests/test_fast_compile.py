@@ -38,6 +38,7 @@ def test_compiled_matches_eager_without_recompiling_for_smaller_batches(model, b
         rest, rest_acts = fm(batch[4:10])  # 6 images: padded to 8, the same graph
         assert counters["frames"]["ok"] == frames
         small, _ = fm(batch[:2])  # a probe of 2: the folded graph, no compilation either
+        fm(batch[:8].contiguous())  # an inference tensor in another layout: converted, no recompilation
         assert counters["frames"]["ok"] == frames
     assert (logits - ref[:8]).abs().max().item() < 1e-3
     assert (rest - ref[4:10]).abs().max().item() < 1e-3
