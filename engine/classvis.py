@@ -110,7 +110,7 @@ class InvertOptions:
     size: int = 224
     steps: int = 200
     lr: float = 0.05
-    tv_weight: float = 0.5
+    tv_weight: float = 5.0  # 0.5 leaves high-frequency colour noise in fc7 inversions
     tv_beta: float = 2.0
     jitter: int = 4
     smooth: float | None = 2.0

@@ -119,7 +119,7 @@ def _loops(photo, other_photo):
         # kind: (run(model) -> RenderResult, how much the loss must fall)
         "style": (lambda m: style_transfer(m, c, [s], StyleOptions(size=SIZE, steps=16)), "ratio"),
         "texture": (lambda m: synthesize_texture(m, s, TextureOptions(size=SIZE, steps=8)), "ratio"),
-        "invert": (lambda m: invert_features(m, c, InvertOptions(size=SIZE, steps=10, jitter=0)), "ratio"),
+        "invert": (lambda m: invert_features(m, c, InvertOptions(size=SIZE, steps=10, jitter=0, tv_weight=0.5)), "ratio"),
         "dream": (lambda m: deep_dream(m, c, DreamOptions(layer="_blocks.4", octaves=1, steps=6, lr=0.05)), "ascent"),
         "classvis": (lambda m: class_visualisation(m, 340, ClassVisOptions(size=SIZE, steps=10)), "ascent"),
         "featvis": (lambda m: feature_visualisation(m, "_blocks.6", 3, size=SIZE, steps=10), "ascent"),

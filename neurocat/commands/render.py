@@ -104,7 +104,7 @@ def add_arguments(p) -> None:
     sp = sub.add_parser("invert", help="feature inversion: an image with the same embedding")
     _common(sp, 224, 200, True)
     sp.add_argument("--layer", default="fc7")
-    sp.add_argument("--tv-weight", type=float, default=0.5)
+    sp.add_argument("--tv-weight", type=float, default=5.0)
     sp.add_argument("--tv-beta", type=float, default=2.0)
 
     sp = sub.add_parser("featvis", help="feature visualisation of units (the catalogue's implementation)")

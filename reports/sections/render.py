@@ -50,7 +50,7 @@ def _kind_page(site: Site, kind: str, names: list[str]) -> dict:
         items.append({"name": name, "src": site.image(img, f"render/{kind}/{name}.png"),
                       "shape": "x".join(map(str, img.shape[:2])), "params": _params_text(attrs),
                       "seconds": attrs.get("seconds"), "steps": steps})
-    sheet = site.image(contact_sheet(images), f"render/{kind}/contact-sheet.jpg")
+    sheet = site.image(contact_sheet(images), f"render/{kind}/contact-sheet.png")
     pages = site.paginate(items, PER_PAGE, f"render/{kind}-{{page}}.html", "render.html",
                           title=KINDS[kind], kind=kind, sheet=sheet, count=len(items))
     return {"kind": kind, "title": KINDS[kind], "href": pages[0], "count": len(items), "sheet": sheet}
