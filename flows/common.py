@@ -98,8 +98,10 @@ def shard_items(manifest: pd.DataFrame, data: str, shard: Shard) -> list[tuple[i
 
 
 def shard_fingerprint(job: str, manifest: pd.DataFrame, shard: Shard, *params: Any) -> str:
+    """Inputs of a shard: its files' paths and content hashes (a status is derived from the
+    content, and decode failures found by a first run must not make the next run redo it)."""
     rows = manifest.iloc[shard.start:shard.stop]
-    return fingerprint(job, list(zip(rows["path"], rows["sha256"], rows["status"])), *params)
+    return fingerprint(job, list(zip(rows["path"], rows["sha256"])), *params)
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
