@@ -278,6 +278,12 @@ def test_hostile_file_names_are_shown_literally_and_run_no_script(browser, hosti
     text = "\n".join(c.texts.values())
     for name in HOSTILE_NAMES:
         assert f"n01440764/{name}" in text, name
+    shots = Crawl(browser)
+    try:
+        shots.shoot((report / "predict" / "all-1.html").as_uri(), "report-hostile-names-laptop.png")
+    finally:
+        shots.close()
+    assert not shots.dialogs and not shots.problems
     skipped = [p for p, s in hostile_run["expected"].items() if s == "skipped"]
     index_text = next(t for u, t in c.texts.items() if u.endswith("/index.html"))
     assert all(p in index_text for p in skipped)
