@@ -8,7 +8,8 @@ mix of those. Inputs of any size (odd too) are reflection-padded to a multiple o
 the output is cropped back, so it always has the input's size.
 
 Training minimises content + style loss of `engine.style` on random crops of a folder's
-images; `width=16, blocks=3` at 96-128 px trains in minutes on a CPU. Checkpoints are
+images; `width=16, blocks=3` at 96-128 px trains in minutes on a CPU (150 steps of
+batch 4 at 96 px: about 4.5 minutes on one busy core, chow + zebra recognisable). Checkpoints are
 plain float arrays (a dict name -> array plus a JSON-able config), saved in the store or an
 .npz read with `allow_pickle=False`.
 """
@@ -120,7 +121,7 @@ class FastStyleOptions:
     steps: int = 300
     lr: float = 2e-3
     content_weight: float = 1.0
-    style_weight: float = 3.0
+    style_weight: float = 0.3  # 1-3 (the optimisation's values) wash the content out of a briefly trained net
     style_size: int = 224
     seed: int = 0
 

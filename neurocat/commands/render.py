@@ -87,7 +87,7 @@ def add_arguments(p) -> None:
     sp.add_argument("--train-size", type=int, default=128)
     sp.add_argument("--width", type=int, default=16)
     sp.add_argument("--blocks", type=int, default=3)
-    sp.add_argument("--style-weight", type=float, default=3.0)
+    sp.add_argument("--style-weight", type=float, default=0.3)
     sp.add_argument("--name", default="default", help="checkpoint name in the store")
 
     sp = sub.add_parser("classvis", help="class visualisation by regularised gradient ascent")
