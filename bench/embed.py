@@ -32,6 +32,7 @@ from engine.maps import pca_2d, trustworthiness, tsne_map, tsne_neighbours  # no
 
 D = 1280
 CLASSES = 50
+N_JOBS = len(os.sched_getaffinity(0))  # set from --threads
 
 
 def mixture(n: int, d: int = D, classes: int = CLASSES, seed: int = 0) -> np.ndarray:
@@ -57,7 +58,7 @@ def faiss_graph(x: np.ndarray, k: int) -> np.ndarray:
 def sklearn_graph(x: np.ndarray, k: int) -> np.ndarray:
     from sklearn.neighbors import NearestNeighbors
 
-    nn = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", n_jobs=-1).fit(x)
+    nn = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", n_jobs=N_JOBS).fit(x)
     ids = nn.kneighbors(x, return_distance=False)
     return fx.drop_self(ids, np.zeros(ids.shape, np.float32), k)[0]
 
@@ -68,7 +69,7 @@ def search_sample(x: np.ndarray, queries: np.ndarray, k: int, use_faiss: bool) -
         return fx.search(index, queries, k, "l2")[0]
     from sklearn.neighbors import NearestNeighbors
 
-    return NearestNeighbors(n_neighbors=k, algorithm="brute", n_jobs=-1).fit(x).kneighbors(queries, return_distance=False)
+    return NearestNeighbors(n_neighbors=k, algorithm="brute", n_jobs=N_JOBS).fit(x).kneighbors(queries, return_distance=False)
 
 
 def bench_knn(n: int, k: int = 10) -> list[str]:
@@ -112,7 +113,7 @@ def sklearn_tsne(x: np.ndarray, n_jobs: int) -> np.ndarray:
 
 def bench_tsne(n: int) -> list[str]:
     x = mixture(n, seed=2)
-    n_jobs = len(os.sched_getaffinity(0))
+    n_jobs = N_JOBS
     t_ours, ours = timed(our_tsne, x, n_jobs)
     t_sk, theirs = timed(sklearn_tsne, x, n_jobs)
     tr_ours = trustworthiness(x, ours, 10, sample=n)
@@ -126,8 +127,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--large", type=int, default=0, help="also exact search at this N (0: skip)")
     ap.add_argument("--tsne-n", type=int, default=5_000)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="threads for every library (BLAS, OpenMP, FAISS, openTSNE, scikit-learn)")
     args = ap.parse_args()
-    print(f"cores {len(os.sched_getaffinity(0))}, FAISS GPUs {fx.gpu_count()}, d={D}, {CLASSES} classes")
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    global N_JOBS
+    N_JOBS = args.threads
+    print(f"threads {args.threads} of {len(os.sched_getaffinity(0))} cores, FAISS GPUs {fx.gpu_count()}, "
+          f"d={D}, {CLASSES} classes")
     print("| what | ours | baseline | ratio | check |\n|---|---|---|---|---|")
     for line in bench_knn(args.n):
         print(line, flush=True)
