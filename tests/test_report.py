@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import html
 import http.server
 import json
 import os
@@ -342,9 +343,9 @@ def test_paginate_splits_items_and_links_pages(tmp_path, predict_run):
     assert names == ["deep/list/p-1.html", "deep/list/p-2.html", "deep/list/p-3.html"]
     seen = []
     for name in names:
-        html = (tmp_path / name).read_text()
-        seen += re.findall(r'<td class="path">(img-\d+)</td>', html)
-        assert 'href="../../style.css"' in html
+        source = (tmp_path / name).read_text()
+        seen += re.findall(r'<td class="path">(img-\d+)</td>', source)
+        assert 'href="../../style.css"' in source
     assert seen == [it["path"] for it in items]
     second = (tmp_path / names[1]).read_text()
     assert 'href="p-1.html" rel="prev"' in second and 'href="p-3.html" rel="next"' in second
@@ -358,10 +359,10 @@ def test_predict_pages_list_every_image_once(predict_run):
     def listed(prefix):
         rows = []
         for page in sorted((report / "predict").glob(f"{prefix}-*.html"), key=lambda p: int(p.stem.split("-")[1])):
-            html = page.read_text()
-            found = re.findall(r'<td class="path">([^<]*)</td>', html)
+            source = page.read_text()
+            found = re.findall(r'<td class="path">([^<]*)</td>', source)
             assert len(found) <= 100
-            assert all('loading="lazy"' in img for img in re.findall(r"<img [^>]*>", html))
+            assert all('loading="lazy"' in img for img in re.findall(r"<img [^>]*>", source))
             rows += found
         return rows
 
@@ -370,10 +371,19 @@ def test_predict_pages_list_every_image_once(predict_run):
     assert sorted(listed("wrong")) == sorted(wrong["path"])
 
 
-def test_comparison_of_two_runs_from_the_cli(prefect_api, predict_run, tmp_path):
+@pytest.mark.browser
+def test_comparison_of_two_models_from_the_cli(prefect_api, predict_run, tmp_path, browser):
+    """Run B: another model (a ResNet-18 with seeded random weights, saved as a weights file)
+    on the first 30 files of the same data; compared with run A from the command line."""
+    import torch
+    import torchvision
+
     from flows.predict import predict_flow
 
-    b = predict_flow(RunOptions(data=str(ROOT / "neurocat" / "demo_data"), limit=30, store=str(tmp_path / "b.zarr"),
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18-random.pth")
+    b = predict_flow(RunOptions(data=str(ROOT / "neurocat" / "demo_data"), limit=30, model="resnet18",
+                                weights=str(tmp_path / "resnet18-random.pth"), store=str(tmp_path / "b.zarr"),
                                 report=str(tmp_path / "b-report")))
     out = subprocess.run(neurocat_cmd() + ["report", "--store", str(predict_run["store"]), "--compare", b["store"],
                                            "--out", str(tmp_path / "cmp"), "--json"],
@@ -384,14 +394,20 @@ def test_comparison_of_two_runs_from_the_cli(prefect_api, predict_run, tmp_path)
     pa = pd.read_csv(predict_run["report"] / "predictions.csv")
     pb = pd.read_csv(tmp_path / "b-report" / "predictions.csv")
     both = pa.merge(pb, on="path", suffixes=("_a", "_b"))
-    agreement = (both["pred_wnid_a"] == both["pred_wnid_b"]).mean()
-    top1_b = (both["label_b"] == both["pred_wnid_b"]).mean()
+    agree = both["pred_wnid_a"] == both["pred_wnid_b"]
     page = (tmp_path / "cmp" / "predict.html").read_text()
     assert f"<tr><th>shared images (same bytes)</th><td>{len(both)}</td></tr>" in page
-    assert f"<tr><th>top-1 agreement</th><td>{round(agreement, 4)}</td></tr>" in page
-    assert f"<tr><th>top-1 accuracy B</th><td>{round(top1_b, 4)}</td></tr>" in page
-    index = (tmp_path / "cmp" / "index.html").read_text()
-    assert 'href="predict.html"' in index and "predict · limit" in index
+    assert f"<tr><th>top-1 agreement</th><td>{round(agree.mean(), 4)}</td></tr>" in page
+    for run in "ab":
+        top1 = (both[f"label_{run}"] == both[f"pred_wnid_{run}"]).mean()
+        assert f"<tr><th>top-1 accuracy {run.upper()}</th><td>{round(top1, 4)}</td></tr>" in page
+    c = check_whole_site(browser, tmp_path / "cmp")
+    assert not c.orphans
+    listed = [html.unescape(p) for page in (tmp_path / "cmp" / "predict").glob("disagree-*.html")
+              for p in re.findall(r'<td class="path">([^<]*)', page.read_text())]
+    assert sorted(listed) == sorted(both.loc[~agree, "path"]) and len(listed) > 0
+    index = c.texts[(tmp_path / "cmp" / "index.html").as_uri()]
+    assert "predict · model" in index and "resnet18" in index and "predict · limit" in index
     bad = subprocess.run(neurocat_cmd() + ["report", "--store", str(predict_run["store"]), "--compare",
                                            str(tmp_path / "missing.zarr")], capture_output=True, text=True,
                          timeout=300)

@@ -121,7 +121,7 @@ def compare(site: Site, store_a: Store, store_b: Store) -> Section | None:
     for row, thumb in zip(rows, site.dataset_thumbnails([r["index_a"] for r in rows], THUMB)):
         row["thumb"] = thumb
     pages = site.paginate(rows, PER_PAGE, "predict/disagree-{page}.html", "predict_disagree.html",
-                          title="Predictions: where the runs disagree", thumb_size=THUMB)
+                          title="Predictions: where the runs disagree", thumb_size=THUMB) if rows else [None]
     site.render("predict_compare.html", "predict.html", title="Predictions compared", facts=facts,
                 disagree=len(rows), disagree_href=pages[0])
     summary = f"{len(both)} shared images, agreement {facts['top-1 agreement']:.3f}"
