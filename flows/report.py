@@ -14,6 +14,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from reports.compare import build_comparison
 from reports.site import Report, build_report
+from storage.store import Store
 
 
 def _artifact_key(*names: str) -> str:
@@ -63,8 +64,6 @@ def publish_report(store_path: str, out_dir: str) -> Path:
     """Build the site, then the summary, table and link artifacts; return index.html."""
     report = build_report(store_path, out_dir)
     d = report.dataset
-    from storage.store import Store
-
     jobs = Store(store_path, mode="r").attrs().get("jobs", {})
     facts = [f"images usable: {d['ok']} of {d['files']} ({d['skipped']} skipped)", f"labels: {d['labels']}",
              f"jobs: {_md(', '.join(jobs) or 'none')}"]
