@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from engine import faiss_index as fx
 from engine import maps
-from engine.inference import run_model
+from engine.inference import pooled, run_model
 from engine.models import LoadedModel
 
 PIXEL_SIDE = 32  # pixel-space vectors: 32 x 32 x 3 = 3072 values in [0, 1]
@@ -28,9 +28,7 @@ def layer_vectors(model: LoadedModel, images_uint8: torch.Tensor, layer: str = "
     """float32 [B, D]: `layer`'s output for uint8 [B, H, W, 3] crops, globally average-pooled
     when spatial (the same definition as the shared forward pass's `/features/<layer>`)."""
     _, acts = run_model(model, model.preprocessing.normalize(images_uint8), [layer])
-    a = acts[layer]
-    a = a.mean(dim=(2, 3)) if a.dim() == 4 else a.flatten(1)
-    return a.float().cpu().numpy()
+    return pooled(acts[layer]).float().cpu().numpy()
 
 
 def pixel_vectors(thumbs: np.ndarray, side: int = PIXEL_SIDE) -> np.ndarray:

@@ -23,3 +23,12 @@ def run_model(model: LoadedModel, x: torch.Tensor, layers: list[str] | tuple[str
     with model.lock, torch.inference_mode():
         logits, acts = fm(x)
     return logits, {layer: acts[name] for layer, name in resolved.items()}
+
+
+def pooled(activation: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C] by global average; [B, C, 1, 1] or [B, D] -> [B, D].
+
+    The definition of `/features/<layer>` for spatial layers."""
+    if activation.dim() == 4:
+        return activation.mean(dim=(2, 3))
+    return activation.flatten(1)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from prefect import task
 
+from engine.inference import pooled
 from engine.models import cached_model
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures,
                           scan_dataset, shard_fingerprint, shard_items, stage)
 from storage.store import Store
-from tasks.forward import THUMB, features_shard, pooled
+from tasks.forward import THUMB, features_shard
 
 JOB = "features"
 

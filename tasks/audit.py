@@ -13,10 +13,10 @@ from prefect import task
 from engine import audit
 from engine.attribution import gradcam
 from engine.images import ImageError, iter_batches, open_image, resize_crop
-from engine.inference import run_model
+from engine.inference import pooled, run_model
 from engine.models import cached_model
 from storage.store import Store
-from tasks.forward import pooled, thumbnails
+from tasks.forward import thumbnails
 
 CONTEXT_ARRAYS = ("p_full", "p_object", "p_context", "p_full_correct", "p_object_correct", "p_context_correct", "area")
 

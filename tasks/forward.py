@@ -12,19 +12,12 @@ import torch.nn.functional as F
 from prefect import task
 
 from engine.images import iter_batches
-from engine.inference import run_model
+from engine.inference import pooled, run_model
 from engine.models import cached_model
 from storage.store import Store
 from tasks.sharding import skip_if_done
 
 THUMB = 64  # side of the stored thumbnails reports and galleries show
-
-
-def pooled(activation: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C] by global average; [B, C, 1, 1] or [B, D] -> [B, D]."""
-    if activation.dim() == 4:
-        return activation.mean(dim=(2, 3))
-    return activation.flatten(1)
 
 
 def thumbnails(images_uint8: torch.Tensor, side: int = THUMB) -> np.ndarray:
