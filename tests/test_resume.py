@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -53,7 +54,7 @@ def test_second_writer_is_refused(tmp_path):
     store = Store(tmp_path / "l.zarr")
     with store.lock():
         other = subprocess.run(
-            ["python", "-c", "import sys; from storage.store import Store\n"
+            [sys.executable, "-c", "import sys; from storage.store import Store\n"
              "try:\n  Store(sys.argv[1]).lock().__enter__()\nexcept Exception as e: print(type(e).__name__)",
              str(tmp_path / "l.zarr")], capture_output=True, text=True, timeout=60)
         assert "StoreLockedError" in other.stdout
