@@ -122,3 +122,13 @@ def test_catalog_memory_is_flat_in_n(prefect_api, shared_images, tmp_path):
     small = peak_rss(shared_images, tmp_path / "small.zarr")
     large = peak_rss(big, tmp_path / "large.zarr")
     assert large < small * 1.15, (small / 2**20, large / 2**20)
+
+
+def test_deployment_entrypoint_runs_a_job_on_the_named_runner(prefect_api, shared_images, tmp_path):
+    from flows.job import job_flow
+
+    opts = RunOptions(data=str(shared_images), store=str(tmp_path / "j.zarr"), limit=8, runner="dask", workers=1)
+    result = job_flow("predict", opts)
+    assert result["images"] == 8
+    with pytest.raises(ValueError, match="unknown job"):
+        job_flow("dance", opts)
