@@ -7,6 +7,7 @@ link to the report's index page. A section that fails is logged as a warning, ne
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -18,10 +19,13 @@ from storage.store import Store
 
 
 def _artifact_key(*names: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    """A key per store (or pair of stores): readable stem plus a hash of the absolute paths,
+    so two runs called `p.zarr` in different folders keep separate artifact histories.
+    Prefect artifact keys allow lowercase letters, digits and dashes only."""
     stem = "-".join(Path(n).stem.lower() for n in names)
-    stem = "".join(c if c.isalnum() else "-" for c in stem)
-    return ("report-" + stem).strip("-")[:90].strip("-")
+    stem = "".join(c if c.isalnum() else "-" for c in stem).strip("-")[:70].strip("-")
+    digest = hashlib.sha256("\0".join(str(Path(n).resolve()) for n in names).encode()).hexdigest()[:8]
+    return f"report-{stem}-{digest}"
 
 
 def _md(text) -> str:
