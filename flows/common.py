@@ -21,7 +21,7 @@ from prefect import task
 from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
-from engine.models import load_model
+from engine.models import cached_model
 from storage.manifest import build_manifest, mark_failed
 from storage.store import Store, fingerprint
 
@@ -183,5 +183,5 @@ def record_job(store: Store, job: str, opts: RunOptions, **extra: Any) -> None:
 
 
 def model_provenance(opts: RunOptions) -> dict:
-    """Model attrs (name, weights hash, preprocessing, code version) without keeping the model."""
-    return load_model(opts.model, opts.weights, opts.device).describe()
+    """Model attrs (name, weights hash, preprocessing, code version) of the process's model."""
+    return cached_model(opts.model, opts.weights, opts.device).describe()

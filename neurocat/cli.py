@@ -72,9 +72,9 @@ def run_options(args, **overrides):
         from flows.runners import load_profile
 
         load_profile(args.cluster)
-    from engine.models import load_model
+    from engine.models import cached_model
 
-    load_model(args.model, args.weights, args.device)  # fail fast on a bad model or weights file
+    cached_model(args.model, args.weights, args.device)  # fail fast on bad weights; the flow reuses it
     progress = sys.stderr.isatty() and not args.json
     return RunOptions(data=data, model=args.model, weights=args.weights, store=args.store, report=args.report,
                       runner=args.cluster or args.runner, workers=args.workers, batch_size=args.batch_size, limit=args.limit, device=args.device,
