@@ -1,9 +1,10 @@
 """FAISS indices over embedding vectors: exact, IVF (flat or PQ) and HNSW; kNN graphs; recall.
 
-Metrics: `l2` (Euclidean, the lecture notes' choice for fc7 retrieval) and `cosine` (inner
-product on L2-normalised vectors). Every distance this module returns is a Euclidean
-distance in the indexed space, so openTSNE, the report and the CLI read one kind of number
-(for `cosine` it is sqrt(2 - 2 cos), monotone in the cosine distance).
+Metrics: `l2` (Euclidean on the raw vectors) and `cosine` (inner product on L2-normalised
+vectors, i.e. the lecture notes' Euclidean retrieval on unit vectors; the embed job's
+default). Every distance this module returns is a Euclidean distance in the indexed space,
+so openTSNE, the report and the CLI read one kind of number (for `cosine` it is
+sqrt(2 - 2 cos), monotone in the cosine distance).
 
 Rows of an index are positions 0..n-1 of the vectors it was built from; callers keep the
 map from positions to dataset image indices.

@@ -65,15 +65,15 @@ def altered_copy(path) -> Image.Image:
 def test_exact_faiss_neighbours_equal_numpy_brute_force(embedded):
     store, rows, feats = embedded["store"], embedded["rows"], embedded["feats"]
     assert len(rows) == 250 and feats.shape == (250, 1280)
-    want_pos, want_dist = brute_force(feats, 10, "l2")
-    knn = store.read("embed/fc7/knn_index")[rows]
-    assert store.attrs("embed/fc7")["kind"] == "flat"
-    assert np.array_equal(knn, rows[want_pos])  # stored graph holds dataset indices, nearest first
-    np.testing.assert_allclose(store.read("embed/fc7/knn_dist")[rows], want_dist, rtol=1e-4)
-    space = feature_space(feats, "flat", "cosine", k=10, with_maps=False)
     want_pos, want_dist = brute_force(feats, 10, "cosine")
+    knn = store.read("embed/fc7/knn_index")[rows]
+    assert store.attrs("embed/fc7")["kind"] == "flat" and store.attrs("embed/fc7")["metric"] == "cosine"
+    assert np.array_equal(knn, rows[want_pos])  # stored graph holds dataset indices, nearest first
+    np.testing.assert_allclose(store.read("embed/fc7/knn_dist")[rows], want_dist, rtol=1e-4, atol=1e-6)
+    space = feature_space(feats, "flat", "l2", k=10, with_maps=False)
+    want_pos, want_dist = brute_force(feats, 10, "l2")
     assert np.array_equal(space.knn_index, want_pos)
-    np.testing.assert_allclose(space.knn_dist, want_dist, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(space.knn_dist, want_dist, rtol=1e-4)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -91,25 +91,32 @@ def test_altered_copy_and_original_are_mutual_nearest_neighbours(embedded, model
         assert nn[original, 0] == copy, path
 
 
-def test_tsne_map_preserves_neighbourhoods(embedded):
-    """Trustworthiness@10 of our map, measured independently, against scikit-learn's TSNE and PCA.
-
-    The issue's target (>= 0.9) is out of reach on these features for any t-SNE: 250 images
-    of 250 different classes have almost no neighbourhood structure (nearest neighbour at 0.83
-    of the median distance); scikit-learn's TSNE reaches ~0.63 here. So the map must match
-    the reference implementation and beat the linear map.
-    """
+def test_tsne_map_matches_scikit_learn_and_beats_pca(embedded):
+    """Trustworthiness@10 of the stored map, measured independently in the map's own metric
+    (cosine), against scikit-learn's TSNE on the same unit vectors and against PCA."""
     from sklearn.manifold import TSNE, trustworthiness
 
     store, rows, feats = embedded["store"], embedded["rows"], embedded["feats"]
     tsne, pca = store.read("embed/fc7/tsne")[rows], store.read("embed/fc7/pca")[rows]
-    trust_tsne = trustworthiness(feats, tsne, n_neighbors=10)
-    reference = TSNE(perplexity=30.0, init="pca", random_state=0).fit_transform(feats)
-    assert trust_tsne >= trustworthiness(feats, reference, n_neighbors=10) - 0.02
-    assert trust_tsne > trustworthiness(feats, pca, n_neighbors=10) + 0.03
+    trust_tsne = trustworthiness(feats, tsne, n_neighbors=10, metric="cosine")
+    reference = TSNE(perplexity=30.0, init="pca", random_state=0).fit_transform(fx.prepare(feats, "cosine"))
+    assert trust_tsne >= trustworthiness(feats, reference, n_neighbors=10, metric="cosine") - 0.02
+    assert trust_tsne > trustworthiness(feats, pca, n_neighbors=10, metric="cosine") + 0.05
     assert store.attrs("embed/fc7")["trust_tsne"] == pytest.approx(trust_tsne, abs=1e-6)
     grid = store.read("embed/fc7/grid")
     assert sorted(grid[grid >= 0].tolist()) == rows.tolist()  # every image in exactly one cell
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured trustworthiness@10 0.737 (cosine; scikit-learn TSNE 0.739-0.752 over 5 seeds, PCA 0.624; "
+    "raw l2: 0.625, the value t-SNE gets on Gaussian noise of the same shape). 250 images of 250 classes "
+    "have little 10-NN structure: no 2-D map tried reaches 0.9 (perplexity 3-30, dof 0.6-1, 3000 "
+    "iterations, centred cosine 0.81)"))
+def test_tsne_map_trustworthiness_reaches_the_issue_target(embedded):
+    from sklearn.manifold import trustworthiness
+
+    store, rows, feats = embedded["store"], embedded["rows"], embedded["feats"]
+    assert trustworthiness(feats, store.read("embed/fc7/tsne")[rows], n_neighbors=10, metric="cosine") >= 0.9
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
@@ -130,7 +137,8 @@ def test_saved_flow_index_reproduces_the_stored_graph(embedded):
     index = fx.deserialize(read_index(store, "fc7"))
     ids = store.read("embed/fc7/ids")
     assert np.array_equal(ids, rows)
-    graph, _ = fx.knn_graph(index, fx.prepare(embedded["feats"], "l2"), 10, "l2")
+    metric = store.attrs("embed/fc7")["metric"]
+    graph, _ = fx.knn_graph(index, fx.prepare(embedded["feats"], metric), 10, metric)
     assert np.array_equal(ids[graph], store.read("embed/fc7/knn_index")[rows])
 
 
@@ -161,11 +169,11 @@ def test_grid_assignment_recovers_a_shuffled_grid():
 
 def test_new_images_land_near_their_originals_on_the_map(embedded, model, shared_images):
     store, manifest, rows = embedded["store"], embedded["manifest"], embedded["rows"]
-    tsne = store.read("embed/fc7/tsne")
+    tsne, metric = store.read("embed/fc7/tsne"), store.attrs("embed/fc7")["metric"]
     crops = np.stack([resize_crop(altered_copy(shared_images / p), model.preprocessing) for p in ALTERED])
-    copies = fx.prepare(layer_vectors(model, torch.from_numpy(crops), "fc7"), "l2")
+    copies = fx.prepare(layer_vectors(model, torch.from_numpy(crops), "fc7"), metric)
     index = fx.deserialize(read_index(store, "fc7"))
-    placed = place_on_map(tsne[rows], index, "l2", copies)
+    placed = place_on_map(tsne[rows], index, metric, copies)
     spread = np.median(np.linalg.norm(tsne[rows][:, None] - tsne[rows][None], axis=2))
     for j, path in enumerate(ALTERED):
         assert np.linalg.norm(placed[j] - tsne[find(manifest, path)]) < 0.1 * spread, path

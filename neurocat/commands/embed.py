@@ -11,7 +11,8 @@ def add_arguments(p) -> None:
     p.add_argument("--index", default="auto", choices=INDEX_KINDS,
                    help="FAISS index: exact flat, IVF, IVF-PQ, HNSW, or auto by dataset size")
     p.add_argument("-k", "--k", type=int, default=10, help="neighbours per image in the kNN graph")
-    p.add_argument("--metric", default="l2", choices=["l2", "cosine"])
+    p.add_argument("--metric", default="cosine", choices=["cosine", "l2"],
+                   help="feature distance: cosine (l2 between unit vectors; default) or raw l2")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
 
 
