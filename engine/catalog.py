@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from engine.backprop_rules import relu_backward_rule
-from engine.hooks import capture
 from engine.inference import run_model
 from engine.models import LoadedModel
 from engine.receptive_field import RF
 from engine.topk import EDGES, QUANTILE_LEVELS, ChannelStats
+from engine.truncate import upto_module
 
 PAD_GREY = 128.0  # fill of the part of a patch outside the image
 
@@ -92,31 +92,97 @@ def extract_patches(images: np.ndarray, rows: np.ndarray, yx: np.ndarray, boxes:
     return to_uint8_hwc(crop_boxes(x, rows, boxes[yx[:, 0], yx[:, 1]], size))
 
 
+def projection_windows(rf: RF, yx: np.ndarray, height: int, width: int) -> np.ndarray:
+    """int [M, 4] (y0, x0, y1, x1): the part of the input a unit's projection is computed on.
+
+    A unit's value and its input gradient depend only on the pixels of its receptive field,
+    so the forward and backward pass can run on a window around it instead of the image,
+    with the same numbers, if the window (a) contains the field, (b) starts at a multiple of
+    the layer's stride (every layer's sampling grid then falls on the same pixels) and (c)
+    starts at 0 / ends at the image's edge where the field is clipped there (so the network's
+    zero padding is where it was). The windows of a layer have two sizes per axis, the
+    field's size plus its start's offset on the stride grid (also used at the top/left
+    border) and a slightly larger one at the bottom/right border, so they batch well. A
+    field as large as the image (or global) gives the whole image.
+    """
+    return np.column_stack([*_window_1d(rf, 0, yx[:, 0], height), *_window_1d(rf, 1, yx[:, 1], width)])[
+        :, [0, 2, 1, 3]]
+
+
+def _window_1d(rf: RF, axis: int, pos: np.ndarray, extent: int) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) per position along one axis; see `projection_windows`."""
+    pos = np.asarray(pos, np.int64)
+    if rf.is_global:
+        return np.zeros_like(pos), np.full_like(pos, extent)
+    size, stride, start = rf.size[axis], rf.stride[axis], rf.start[axis]
+    side = size + start % stride
+    if side >= extent:
+        return np.zeros_like(pos), np.full_like(pos, extent)
+    first = start + pos * stride
+    at_end = first + size > extent
+    lo = np.where(at_end, stride * ((extent - side) // stride), np.maximum(first, 0) // stride * stride)
+    hi = np.where(at_end, extent, lo + side)
+    return lo, hi
+
+
 def project_units(model: LoadedModel, layer: str, images: np.ndarray, channels: np.ndarray, yx: np.ndarray,
-                  boxes: np.ndarray, size: int, rule: str = "guided") -> np.ndarray:
+                  boxes: np.ndarray, size: int, rule: str = "guided", rf: RF | None = None,
+                  expected: np.ndarray | None = None, pixels: int = 32 * 224 * 224) -> np.ndarray:
     """Guided-backprop (or deconvnet) projection of unit (channel, y, x) of each image, cropped to its RF box.
 
     Row b of `images` (uint8 [B, H, W, 3]) is projected for channels[b] at yx[b]: the gradient
     of that one activation w.r.t. the input with the rule's ReLU backward, shown as grey (0)
     with the signed gradient scaled by its 99th percentile magnitude in the box. uint8 [B, size, size, 3].
+
+    The pass runs on the fast form cut after the layer (engine/truncate.py), and with `rf`
+    on each unit's `projection_windows` only, batched by window shape, about `pixels` input
+    pixels per backward. `expected` (the unit's activation on the whole image, from the
+    catalogue) checks each window: a unit whose value differs is projected on the whole image.
     """
-    if len(images) == 0:
-        return np.zeros((0, size, size, 3), np.uint8)
+    n, height, width = len(images), images.shape[1], images.shape[2]
+    out = np.zeros((n, size, size, 3), np.uint8)
+    if n == 0:
+        return out
     name = model.resolve(layer)
-    x = model.preprocessing.normalize(torch.from_numpy(np.ascontiguousarray(images))).to(model.device)
+    um = upto_module(model, (name,), for_grad=True)
+    whole = np.tile([0, 0, height, width], (n, 1))
+    windows = whole if rf is None else projection_windows(rf, yx, height, width)
+    stride = np.array([1, 1]) if rf is None or rf.is_global else np.array(rf.stride)
+    todo = np.arange(n)
+    for attempt in range(2):
+        redo = []
+        shapes = windows[todo, 2:] - windows[todo, :2]
+        for shape in np.unique(shapes, axis=0):
+            rows = todo[(shapes == shape).all(1)]
+            chunk = max(1, pixels // int(shape[0] * shape[1]))
+            for s in range(0, len(rows), chunk):
+                part = rows[s:s + chunk]
+                y0, x0 = windows[part, 0], windows[part, 1]
+                crops = np.stack([images[r, a:a + shape[0], b:b + shape[1]] for r, a, b in zip(part, y0, x0)])
+                offset = np.column_stack([y0, x0])
+                out[part], value = _project(model, um, name, crops, channels[part], yx[part] - offset // stride,
+                                            boxes[yx[part, 0], yx[part, 1]] - np.tile(offset, 2), size, rule)
+                if expected is not None and attempt == 0:
+                    redo += part[~np.isclose(value, expected[part], rtol=1e-3, atol=1e-3)].tolist()
+        if not redo:
+            break
+        todo, windows = np.array(redo), whole
+    return out
+
+
+def _project(model: LoadedModel, um, name: str, crops: np.ndarray, channels: np.ndarray, pos: np.ndarray,
+             boxes: np.ndarray, size: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """Projections of one batch of same-shaped inputs, and each unit's activation value."""
+    x = model.preprocessing.normalize(torch.from_numpy(crops)).to(model.device)
     x.requires_grad_(True)
-    with model.lock, torch.enable_grad(), relu_backward_rule(model.module, rule), \
-            capture(model.module, [name], detach=False) as acts:
-        model.module(x)
-        out = acts[name]
-        flat = torch.as_tensor(yx[:, 0] * out.shape[-1] + yx[:, 1])
-        out = out.reshape(out.shape[0], out.shape[1], -1)
-        rows = torch.arange(len(images))
-        grad, = torch.autograd.grad(out[rows, torch.as_tensor(channels), flat].sum(), x)
-    crops = crop_boxes(grad.detach().float().cpu(), np.arange(len(images)), boxes[yx[:, 0], yx[:, 1]], size,
-                       fill=0.0)
+    with model.lock, torch.enable_grad(), relu_backward_rule(um.module, rule):
+        out = um(x)[name]
+        rows = torch.arange(len(crops))
+        value = out[rows, torch.as_tensor(channels), torch.as_tensor(pos[:, 0]), torch.as_tensor(pos[:, 1])]
+        grad, = torch.autograd.grad(value.sum(), x)
+    crops = crop_boxes(grad.detach().float().cpu(), np.arange(len(crops)), boxes, size, fill=0.0)
     scale = torch.quantile(crops.abs().flatten(1), 0.99, dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
-    return to_uint8_hwc((0.5 + 0.5 * (crops / scale).clamp(-1, 1)) * 255)
+    return to_uint8_hwc((0.5 + 0.5 * (crops / scale).clamp(-1, 1)) * 255), value.detach().float().cpu().numpy()
 
 
 def overlays(images: np.ndarray, rows: np.ndarray, maps: np.ndarray, size: int, alpha: float = 0.55) -> np.ndarray:

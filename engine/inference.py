@@ -6,6 +6,7 @@ import torch
 
 from engine.fast import FastOptions, fast_module
 from engine.models import LoadedModel
+from engine.truncate import upto_module
 
 
 def run_model(model: LoadedModel, x: torch.Tensor, layers: list[str] | tuple[str, ...] = (),
@@ -23,6 +24,19 @@ def run_model(model: LoadedModel, x: torch.Tensor, layers: list[str] | tuple[str
     with model.lock, torch.inference_mode():
         logits, acts = fm(x)
     return logits, {layer: acts[name] for layer, name in resolved.items()}
+
+
+def run_layers(model: LoadedModel, x: torch.Tensor, layers: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Forward `x` only as far as the deepest of `layers`; return {layer: output}, no logits.
+
+    The same activations as `run_model`, bit for bit (the same fast form, cut after the
+    layers: engine/truncate.py), without computing the rest of the network.
+    """
+    resolved = {layer: model.resolve(layer) for layer in layers}
+    um = upto_module(model, tuple(sorted(set(resolved.values()))))
+    with model.lock, torch.inference_mode():
+        acts = um(x)
+    return {layer: acts[name] for layer, name in resolved.items()}
 
 
 def pooled(activation: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from prefect import task
 from engine.catalog import (catalog_arrays, extract_patches, filter_grid, overlays, project_units, square_boxes,
                             stats_summary)
 from engine.images import iter_batches
-from engine.inference import run_model
+from engine.inference import run_layers
 from engine.models import cached_model
 from engine.optvis import visualize_unit
 from engine.receptive_field import receptive_fields
@@ -58,7 +58,7 @@ def catalog_shard(store_path: str, job: str, shard: int, items: list[tuple[int, 
         if not len(batch.indices):
             continue
         t0 = time.perf_counter()
-        _, acts = run_model(m, batch.normalized(m.preprocessing, m.device), list(states))
+        acts = run_layers(m, batch.normalized(m.preprocessing, m.device), list(states))
         t1 = time.perf_counter()
         batch_labels = np.array([label_of[int(i)] for i in batch.indices], np.int64)
         for layer, state in states.items():
@@ -128,8 +128,9 @@ def catalog_patches(store_path: str, job: str, block: int, data: str, channel_ra
         if len(batch.indices):
             images = batch.images.numpy()
             for w in work.values():
-                w.consume(m, batch.indices, images, batch_size, rule, seconds)
+                w.consume(batch.indices, images, seconds)
     for w in work.values():
+        w.project(m, rule, seconds)
         w.write(store)
     result = {"images": len(needed), "seconds": {k: round(v, 4) for k, v in seconds.items()}}
     store.mark_shard_done(job, block, fp, result)
@@ -141,7 +142,7 @@ class _BlockWork:
 
     def __init__(self, store: Store, layer: str, c0: int, c1: int, rf, crop: int, projections: int):
         base = f"catalog/{layer}"
-        self.layer, self.base, self.c0, self.c1 = layer, base, c0, c1
+        self.layer, self.base, self.c0, self.c1, self.rf = layer, base, c0, c1, rf
         self.lists = {which: (store.array(f"{base}/{which}_index")[c0:c1], store.array(f"{base}/{which}_yx")[c0:c1])
                       for which in ("top", "bottom")}
         self.maps = store.array(f"{base}/top1_map")[c0:c1].astype(np.float32)
@@ -152,32 +153,38 @@ class _BlockWork:
                         for which, (idx, _) in self.lists.items()}
         self.overlay = np.zeros((c1 - c0, self.overlay_size, self.overlay_size, 3), np.uint8)
         self.n_project = max(0, min(c1, projections) - c0)
-        self.projection = np.zeros((self.n_project, self.size, self.size, 3), np.uint8)
+        self.top1_value = store.array(f"{base}/top_value")[c0:c0 + self.n_project, 0]
+        self.top1_image = np.zeros((self.n_project, crop, crop, 3), np.uint8)  # projected after the last batch
 
     def image_indices(self) -> np.ndarray:
         return np.concatenate([idx[idx >= 0] for idx, _ in self.lists.values()])
 
-    def consume(self, m, indices: np.ndarray, images: np.ndarray, batch_size: int, rule: str, seconds: dict):
+    def consume(self, indices: np.ndarray, images: np.ndarray, seconds: dict):
+        """Crops and overlays of the units whose images are in this batch; keeps top-1 images to project."""
         t0 = time.perf_counter()
         for which, (idx, yx) in self.lists.items():
             hit = np.isin(idx, indices)
             if hit.any():
                 rows = np.searchsorted(indices, idx[hit])
                 self.patches[which][hit] = extract_patches(images, rows, yx[hit], self.boxes, self.size)
-        top_idx, top_yx = self.lists["top"][0][:, 0], self.lists["top"][1][:, 0]
+        top_idx = self.lists["top"][0][:, 0]
         units = np.flatnonzero(np.isin(top_idx, indices))
         rows = np.searchsorted(indices, top_idx[units])
         if len(units):
             self.overlay[units] = overlays(images, rows, self.maps[units], self.overlay_size)
-        t1 = time.perf_counter()
-        seconds["patches"] += t1 - t0
-        todo = units[units < self.n_project]
-        for s in range(0, len(todo), batch_size):
-            part = todo[s:s + batch_size]
-            self.projection[part] = project_units(
-                m, self.layer, images[np.searchsorted(indices, top_idx[part])], part + self.c0, top_yx[part],
-                self.boxes, self.size, rule)
-        seconds["projection"] += time.perf_counter() - t1
+        keep = units < self.n_project
+        self.top1_image[units[keep]] = images[rows[keep]]
+        seconds["patches"] += time.perf_counter() - t0
+
+    def project(self, m, rule: str, seconds: dict) -> None:
+        """Projections of the first units' top-1 activations, on receptive-field windows, batched."""
+        t0 = time.perf_counter()
+        units = np.flatnonzero(self.lists["top"][0][:self.n_project, 0] >= 0)
+        self.projection = np.zeros((self.n_project, self.size, self.size, 3), np.uint8)
+        self.projection[units] = project_units(
+            m, self.layer, self.top1_image[units], units + self.c0, self.lists["top"][1][units, 0], self.boxes,
+            self.size, rule, rf=self.rf, expected=self.top1_value[units])
+        seconds["projection"] += time.perf_counter() - t0
 
     def write(self, store: Store) -> None:
         for which, patches in self.patches.items():
