@@ -49,6 +49,7 @@ CHANNELS_LAST|COMPILE|AMP>=0|1` sets one optimisation (COMPILE also takes `auto`
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import threading
 import time
@@ -59,6 +60,7 @@ from pathlib import Path
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from engine.hooks import capture
 from engine.models import LoadedModel
@@ -75,6 +77,7 @@ class FastOptions:
     fold_bn: bool = True  # eval-mode batch norm folded into the preceding convolution
     fold_padding: bool = True  # static "same" padding folded into the convolution's own padding
     channels_last: bool = True  # NHWC memory format (oneDNN's fast layout on CPU)
+    fuse: bool = True  # conv + ReLU/ReLU6 or + residual add as one oneDNN kernel, prepacked weights (CPU)
     compile: bool | None = False  # torch.compile with a persistent cache; None: when it pays (opt-in)
     amp: bool = False  # bf16 autocast (CPU) / fp16 (CUDA): NOT within 1e-3 of fp32, so opt-in
 
@@ -224,6 +227,92 @@ def build_graph(module: nn.Module, layers: tuple[str, ...], options: FastOptions
     return gm
 
 
+# ---------------------------------------------------------------- oneDNN fusion
+
+def _onednn_activation(m: nn.Module | None) -> tuple[str, list[float]] | None:
+    """oneDNN's post-op name and scalars for an activation module it fuses exactly, else None."""
+    if type(m) is nn.ReLU:
+        return "relu", []
+    if type(m) in (nn.ReLU6, nn.Hardtanh):
+        return "hardtanh", [float(m.min_val), float(m.max_val)]
+    return None
+
+
+class FusedConv(nn.Module):
+    """A conv, optionally followed by an activation or a residual add, as one oneDNN call.
+
+    What inductor's freezing emits for CPU inference (`mkldnn._convolution_pointwise` with a
+    weight reordered once into oneDNN's blocked layout), without compiling: no kernel is
+    generated, so it costs nothing to build and its numerics never change within a run.
+    Forward only (the ops have no autograd). Measured: the same bits as conv, then clamp/add.
+    """
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None, residual: bool = False):
+        super().__init__()
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        # an opaque oneDNN tensor: a plain attribute, so .to()/state_dict leave it alone
+        self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            conv.weight.detach().to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, [])
+        self.bias = None if conv.bias is None else conv.bias.detach().clone()
+        self.attr, self.scalars = _onednn_activation(activation) or ("none", [])
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        args = (self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+        if self.residual:
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, other, *args, "add", 1.0, None, [], None)
+        return torch.ops.mkldnn._convolution_pointwise(x, *args, self.attr, self.scalars, "")
+
+
+def can_fuse(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+def _fusable_conv(m: nn.Module) -> bool:
+    return (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            and m.weight.dtype == torch.float32)
+
+
+def _is_residual_add(add: fx.Node, conv: fx.Node, order: dict) -> bool:
+    """`conv + other` (either order) with `other` a same-shaped tensor computed before `conv`."""
+    if add.op != "call_function" or add.target not in (operator.add, torch.add) or add.kwargs or len(add.args) != 2:
+        return False
+    other = add.args[1] if add.args[0] is conv else add.args[0]
+    return (isinstance(other, fx.Node) and other is not conv and order[other] < order[conv]
+            and "tensor_meta" in other.meta and "tensor_meta" in conv.meta
+            and other.meta["tensor_meta"].shape == conv.meta["tensor_meta"].shape
+            and other.meta["tensor_meta"].dtype == torch.float32)
+
+
+def fuse_graph(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
+    """A copy of `gm` with every plain conv a `FusedConv`, absorbing its activation or the
+    residual add that is its only user (a requested conv output has the output node as a
+    second user, so it stays unfused and returns exactly what it did)."""
+    gm = copy.deepcopy(gm)
+    ShapeProp(gm).propagate(example)  # a residual add fuses only without broadcasting
+    modules = dict(gm.named_modules())
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not _fusable_conv(modules[node.target]):
+            continue
+        user = next(iter(node.users)) if len(node.users) == 1 else None
+        activation = other = None
+        if user is not None and user.op == "call_module" and _onednn_activation(modules[user.target]):
+            activation = modules[user.target]
+        elif user is not None and _is_residual_add(user, node, order):
+            other = user.args[1] if user.args[0] is node else user.args[0]
+        gm.set_submodule(node.target, FusedConv(modules[node.target], activation, residual=other is not None))
+        if activation is not None or other is not None:
+            if other is not None:
+                node.args = (node.args[0], other)
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 # ---------------------------------------------------------------- compilation
 
 
@@ -287,6 +376,8 @@ class FastModel:
                 self.graph = None  # hooks on the eager module give these layers exactly
         if self.graph is not None and options.channels_last:
             self.graph.to(memory_format=torch.channels_last)
+        self.fused = self._fuse()
+        self.runner = self.fused if self.fused is not None else self.graph  # what runs uncompiled
         self.compiled = None
         self.compiled_batch = 0
         self.compiled_shape: torch.Size | None = None
@@ -296,6 +387,15 @@ class FastModel:
             self.record = _CompileRecord(self._key())
             if options.compile:
                 self._compile()
+
+    def _fuse(self) -> fx.GraphModule | None:
+        """The graph with oneDNN fusion: fp32 inference on CPU only (no autograd, no autocast)."""
+        if (self.graph is None or not self.options.fuse or self.for_grad or self.options.amp
+                or not can_fuse(self.model.device)):
+            return None
+        crop = self.model.preprocessing.crop
+        with torch.inference_mode(False), torch.no_grad():
+            return fuse_graph(self.graph, self._layout(torch.zeros(1, 3, crop, crop)))
 
     def _key(self) -> str:
         import hashlib
@@ -308,11 +408,13 @@ class FastModel:
         """What runs now, for provenance and benchmarks."""
         if self.graph is None:
             return "eager"
-        return "compiled" if self.compiled is not None else "folded"
+        if self.compiled is not None:
+            return "compiled"
+        return "fused" if self.fused is not None else "folded"
 
     def _compile(self) -> None:
         _use_compile_cache()
-        options = None if self.for_grad else {"freezing": False}
+        options = None if self.for_grad else {"freezing": True}  # constant weights, prepacked for oneDNN
         self.compiled = torch.compile(self.graph, dynamic=False, options=options)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -345,7 +447,7 @@ class FastModel:
     def _run(self, x: torch.Tensor):
         if not self._use_compiled(x):
             start = time.perf_counter()
-            out = self.graph(x)
+            out = self.runner(x)
             self.eager_seconds += time.perf_counter() - start
             if self.options.compile is None and self.eager_seconds >= self.record.expected_seconds():
                 self._compile()  # ski rental: compiling now costs at most what eager already cost

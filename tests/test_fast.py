@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.fast import FastOptions, build_graph, fast_module
+from engine.fast import FastOptions, FusedConv, build_graph, fast_module
 from engine.hooks import capture, hook_count
 from engine.images import list_images, load_preprocessed
 from engine.inference import run_model
@@ -35,7 +35,7 @@ def eager(model, shared_batch):
 
 def test_fast_logits_and_top1_match_eager(model, shared_batch, eager):
     logits, _ = run_model(model, shared_batch, fast=NO_COMPILE)
-    assert fast_module(model, options=NO_COMPILE).form == "folded"
+    assert fast_module(model, options=NO_COMPILE).form == "fused"
     assert (logits - eager[0]).abs().max().item() < 1e-3
     assert torch.equal(logits.argmax(1), eager[0].argmax(1))
 
@@ -78,12 +78,32 @@ def test_folded_graph_has_no_batch_norm_and_no_pad(model):
     assert type(stem) is nn.Conv2d and stem.kernel_size == (4, 4) and stem.padding == (1, 1)
 
 
+def test_fused_graph_is_onednn_kernels_with_the_folded_results(model, shared_batch):
+    """Every conv of the default form is one oneDNN call with its ReLU6 or residual add; a
+    requested conv output stays unfused (the hook sees the conv, not the clamp)."""
+    fm = fast_module(model, ("_conv_head",), options=NO_COMPILE)
+    called = [fm.fused.get_submodule(n.target) for n in fm.fused.graph.nodes if n.op == "call_module"]
+    convs = [m for m in called if isinstance(m, FusedConv)]
+    assert len(convs) == 49 and not any(type(m) is nn.Conv2d for m in called)
+    assert sum(isinstance(m, nn.ReLU6) for m in called) == 1  # the head's, after the requested conv
+    assert "add" not in fm.fused.code
+    assert sum(c.attr == "hardtanh" for c in convs) == 32 and sum(c.residual for c in convs) == 9
+    assert fm.fused.get_submodule("_conv_head").attr == "none"
+    folded = fast_module(model, ("_conv_head",), options=FastOptions(fuse=False, compile=False))
+    assert folded.form == "folded"
+    with torch.inference_mode():
+        (logits, head), (ref_logits, ref_head) = fm.fused(shared_batch), folded.graph(shared_batch)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head, ref_head, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("options", [
+    FastOptions(fuse=False, compile=False),
     FastOptions(fold_bn=False, compile=False),
     FastOptions(fold_padding=False, compile=False),
     FastOptions(channels_last=False, compile=False),
     FastOptions.off(),
-], ids=["no-fold-bn", "no-fold-padding", "no-channels-last", "all-off"])
+], ids=["no-fuse", "no-fold-bn", "no-fold-padding", "no-channels-last", "all-off"])
 def test_each_optimisation_can_be_turned_off(model, shared_batch, eager, options):
     x = shared_batch[:16]
     logits, acts = run_model(model, x, ("_blocks.5",), fast=options)
@@ -100,6 +120,7 @@ def test_flags_from_environment():
     assert not FastOptions.from_env({"NEUROCAT_FAST": "0"}).any
     assert FastOptions.from_env({"NEUROCAT_FAST_COMPILE": "0"}).compile is False
     assert FastOptions.from_env({"NEUROCAT_FAST_COMPILE": "auto"}).compile is None
+    assert FastOptions.from_env({"NEUROCAT_FAST_FUSE": "0"}) == FastOptions(fuse=False)
     only_fold = FastOptions.from_env({"NEUROCAT_FAST": "0", "NEUROCAT_FAST_FOLD_BN": "1"})
     assert only_fold.fold_bn and not only_fold.channels_last and only_fold.compile is False
 
@@ -121,6 +142,7 @@ def test_saliency_through_the_fast_path_matches_eager(model, shared_batch):
     """Gradients w.r.t. the input: folding is exact for them too (Grad-CAM, renders)."""
     x = shared_batch[:2]
     fm = fast_module(model, ("_conv_head",), for_grad=True, options=NO_COMPILE)
+    assert fm.form == "folded"  # oneDNN's fused kernels have no autograd
     ours = _saliency(lambda t: fm(t)[0], x)
     ref = _saliency(model.module, x)
     for a, b in zip(ours, ref):
