@@ -16,8 +16,9 @@ FOLDERS = ["n01440764", "n01514859"]  # tench, hen
 
 
 def rel_err(a, b) -> float:
+    """max |a - b| / max |b|: the worst pixel against the map's scale."""
     a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-    return float((a - b).norm() / b.norm())
+    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.fixture(scope="session")
@@ -43,17 +44,21 @@ def test_saliency_equals_captum(model, batch):
     assert rel_err(A.saliency(model, x, t, fast=True), ref) < 2e-3
 
 
-def test_integrated_gradients_equal_captum(model, batch):
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("rule", ["gausslegendre", "riemann_right"])
+def test_integrated_gradients_equal_captum(model, batch, layout, rule):
+    """Same rule, steps, baseline and batches of (step, image) pairs; the path keeps the
+    batch's layout as Captum does (oneDNN's NCHW and channels-last kernels give input
+    gradients ~1e-3 apart on this net, which is what an NCHW path from a channels-last
+    batch measured: 1.2e-3)."""
     from captum.attr import IntegratedGradients
 
     _, x, t = batch
-    ours, _ = A.integrated_gradients(model, x, t, steps=8, chunk=8)
+    x = x if layout == "channels_last" else x.contiguous()
+    ours, _ = A.integrated_gradients(model, x, t, steps=8, chunk=8, rule=rule)
     ref = IntegratedGradients(model.module).attribute(x.clone(), baselines=0.0, target=t, n_steps=8,
-                                                      method="gausslegendre", internal_batch_size=8)
-    # same nodes, weights and batches; the gradients along the path are large and cancel, so
-    # float32 summation order alone (Captum sums per batch of steps, we accumulate) moves the
-    # result by ~4.5e-4 relative L2 (measured); per pixel they agree to ~4 significant digits
-    assert rel_err(ours, ref) < 1e-3
+                                                      method=rule, internal_batch_size=8)
+    assert rel_err(ours, ref) < 1e-4
 
 
 @pytest.mark.parametrize("layer", ["_conv_head", "_blocks.15"])
