@@ -211,6 +211,50 @@ def _inferno_lut() -> torch.Tensor:
     return torch.from_numpy(colormaps["inferno"](np.arange(256))[:, :3] * 255.0).float()
 
 
+ACTIVATION_TILE = 28  # pixels per map in `activation_grid` (at least; a whole multiple of the map's size)
+ACTIVATION_WIDTH = 480  # pixels a grid of maps may span (fewer columns for larger maps)
+ACTIVATION_GAP = 2
+
+
+def activation_layout(c: int, h: int, w: int) -> tuple[int, int]:
+    """(pixels per map cell, tiles per row) of the `activation_grid` of `c` maps of h x w."""
+    scale = max(1, ACTIVATION_TILE // max(h, w))
+    return scale, max(1, min(c, max(4, ACTIVATION_WIDTH // (w * scale + ACTIVATION_GAP))))
+
+
+def activation_grid(maps: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """Every unit's activation map [C, h, w] on one image as a uint8 RGB grid (`activation_layout`, unit order).
+
+    Each map shows its positive part divided by `peak[c]` (the unit's highest score on the
+    dataset, so a dark tile is a unit this image barely drives; a unit never above 0 stays
+    black), in `inferno`, each map cell a block of pixels (no smoothing: the layer's resolution).
+    """
+    c, h, w = maps.shape
+    scale, cols = activation_layout(c, h, w)
+    peak = np.asarray(peak, np.float32)[:, None, None]
+    level = np.clip(np.asarray(maps, np.float32), 0, None) / np.maximum(peak, 1e-12)
+    level = np.where(peak > 0, np.clip(level, 0, 1), 0.0)
+    colour = _inferno_lut().numpy()[np.round(level * 255).astype(np.int64)]  # [C, h, w, 3]
+    tiles = np.repeat(np.repeat(colour, scale, 1), scale, 2)
+    return tile_grid(tiles, cols, ACTIVATION_GAP, fill=255.0).round().astype(np.uint8)
+
+
+def tile_grid(tiles: np.ndarray, cols: int, gap: int, fill: float) -> np.ndarray:
+    """Tiles [N, th, tw, 3] laid out row by row, `cols` per row, `gap` pixels of `fill` around each."""
+    n, th, tw = tiles.shape[:3]
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * (th + gap) + gap, cols * (tw + gap) + gap, 3), fill, np.float32)
+    for i, (x0, y0, x1, y1) in enumerate(tile_boxes(n, th, tw, cols, gap)):
+        grid[y0:y1, x0:x1] = tiles[i]
+    return grid
+
+
+def tile_boxes(n: int, th: int, tw: int, cols: int, gap: int) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) of each tile of `tile_grid` (for image maps linking tiles to pages)."""
+    return [(gap + q * (tw + gap), gap + r * (th + gap), gap + q * (tw + gap) + tw, gap + r * (th + gap) + th)
+            for r, q in (divmod(i, cols) for i in range(n))]
+
+
 def filter_grid(weight: torch.Tensor | np.ndarray, cell: int = 28, gap: int = 2) -> np.ndarray:
     """First-layer filters [O, I, kh, kw] as a uint8 RGB grid, each filter min-max normalised on its own.
 
@@ -224,14 +268,7 @@ def filter_grid(weight: torch.Tensor | np.ndarray, cell: int = 28, gap: int = 2)
     w = (w - lo) / np.maximum(hi - lo, 1e-12)
     scale = max(1, cell // max(kh, kw))
     tiles = np.repeat(np.repeat(w.transpose(0, 2, 3, 1), scale, 1), scale, 2)  # [O, kh*s, kw*s, 3]
-    cols = int(np.ceil(np.sqrt(o)))
-    rows = int(np.ceil(o / cols))
-    th, tw = tiles.shape[1:3]
-    grid = np.full((rows * (th + gap) + gap, cols * (tw + gap) + gap, 3), 1.0, np.float32)
-    for n in range(o):
-        r, c = divmod(n, cols)
-        grid[gap + r * (th + gap):gap + r * (th + gap) + th, gap + c * (tw + gap):gap + c * (tw + gap) + tw] = tiles[n]
-    return (grid * 255).round().astype(np.uint8)
+    return (tile_grid(tiles, int(np.ceil(np.sqrt(o))), gap, fill=1.0) * 255).round().astype(np.uint8)
 
 
 def class_selectivity(class_means: np.ndarray) -> np.ndarray:

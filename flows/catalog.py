@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 from math import ceil
+from pathlib import Path
 
 import numpy as np
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from engine.catalog import activation_shapes, patch_size
+from engine.errors import InputError
 from engine.images import label_index
 from engine.models import cached_model
 from engine.receptive_field import receptive_fields
@@ -26,8 +28,8 @@ from flows.common import (RunOptions, Shard, map_shards, plan_shards, record_fai
                           scan_dataset, shard_fingerprint, shard_items, stage)
 from flows.report import _artifact_key, publish_report
 from storage.store import Store, fingerprint
-from tasks.catalog import (catalog_featvis, catalog_patches, catalog_shard, merge_catalog_states, save_catalog,
-                           save_filter_grid)
+from tasks.catalog import (catalog_featvis, catalog_patches, catalog_shard, merge_catalog_states,
+                           save_activation_maps, save_catalog, save_filter_grid)
 
 JOB = "catalog"
 PATCH_JOB = "catalog-patches"
@@ -38,6 +40,7 @@ OVERLAY_SIZE = 112
 FEATVIS_SIZE = 128
 FEATVIS_STEPS = 128
 FEATVIS_BATCH = 8  # units optimised together in one task
+ACTIVATION_IMAGES = 4  # images whose activation maps (every unit) are stored and shown
 
 
 def reduce_tree(store_path: str, job: str, shard_ids: list[int], fan_in: int = 2):
@@ -78,11 +81,14 @@ def _digest(*arrays: np.ndarray) -> str:
 
 
 def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: int = 16, bottom_k: int = 8,
-                featvis_n: int = 0, projections: int | None = None, projection_rule: str = "guided") -> dict:
+                featvis_n: int = 0, projections: int | None = None, projection_rule: str = "guided",
+                activation_images: int | list[str] = ACTIVATION_IMAGES) -> dict:
     """The catalogue of `layers` into `store`; returns per-layer facts. Used by the demo too.
 
     `projections` limits guided-backprop projections to the first N units of each layer
-    (None: all); `featvis_n` renders the first N live units of each layer.
+    (None: all); `featvis_n` renders the first N live units of each layer;
+    `activation_images` (the first N usable images, or paths as in the manifest) get every
+    unit's activation map stored.
     """
     model = cached_model(opts.model, opts.weights, opts.device)
     layers = list(dict.fromkeys(model.resolve(layer) for layer in layers))
@@ -90,6 +96,7 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
     with stage(store, JOB, "scan"):
         scan_dataset(opts.store, opts.data, opts.limit)
     manifest = store.read_manifest()
+    activation_map_rows(manifest, activation_images)  # unknown paths fail before any work
     shapes = activation_shapes(model, layers)
     classes = [label_index(lbl, model.classes.index_of) for lbl in manifest["label"]]
     shards = plan_shards(len(manifest), opts.shard_size)
@@ -103,7 +110,7 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
 
     with stage(store, JOB, "statistics"):
         results = map_shards(catalog_shard, store, JOB, shards, fps, shard_kwargs, opts.progress)
-    record_failures(store, results)
+    manifest = record_failures(store, results)
     with stage(store, JOB, "reduce"):
         states = reduce_tree(opts.store, JOB, [s.id for s in shards]) if shards else {
             layer: ChannelStats.empty(c, (h, w), top_k, bottom_k, len(model.classes))
@@ -111,6 +118,10 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
         attrs = {**prov, "top_k": top_k, "bottom_k": bottom_k}
         facts = save_catalog.submit(opts.store, states, attrs).result()
         save_filter_grid.submit(opts.store, opts.model, opts.weights, opts.device, prov).result()
+    map_rows = [i for i in activation_map_rows(manifest, activation_images) if manifest["status"].iloc[i] == "ok"]
+    maps = save_activation_maps.submit(opts.store, [(i, str(Path(opts.data) / manifest["path"].iloc[i]))
+                                                    for i in map_rows], layers, opts.model, opts.weights,
+                                       opts.device, prov)  # beside the patch pass; its arrays are its own
 
     rfs = receptive_fields(model)
     n_project = {layer: shapes[layer][0] if projections is None else min(projections, shapes[layer][0])
@@ -141,6 +152,7 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
                                        channel_ranges=blocks[s.id], model=opts.model, weights=opts.weights,
                                        device=opts.device, batch_size=opts.batch_size,
                                        projections=max(n_project.values()), rule=projection_rule), opts.progress)
+    maps.result()
     with stage(store, JOB, "featvis"):
         featvis = run_featvis(opts, store, layers, featvis_n, attrs)
     seconds = {}
@@ -150,6 +162,19 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
     record_job(store, JOB, opts, layers=layers, top_k=top_k, bottom_k=bottom_k, units=facts,
                featvis=featvis, seconds=seconds)
     return {"layers": facts, "featvis": featvis, "seconds": seconds}
+
+
+def activation_map_rows(manifest, chosen: int | list[str]) -> list[int]:
+    """Manifest rows of the images whose activation maps are kept: the first N usable ones, or the given paths."""
+    usable = manifest.index[manifest["status"] == "ok"]
+    if isinstance(chosen, int):
+        return [int(i) for i in usable[:max(0, chosen)]]
+    row_of = {str(p): i for i, p in zip(manifest.index, manifest["path"])}
+    unknown = [p for p in chosen if p not in row_of]
+    if unknown:
+        raise InputError(f"--activation-images: not in the dataset: {', '.join(unknown[:3])}"
+                         f"{' ...' if len(unknown) > 3 else ''} (give paths relative to --data)")
+    return [int(row_of[p]) for p in dict.fromkeys(chosen)]
 
 
 def run_featvis(opts: RunOptions, store: Store, layers: list[str], n: int, attrs: dict) -> dict:
@@ -178,8 +203,6 @@ def run_featvis(opts: RunOptions, store: Store, layers: list[str], n: int, attrs
 @task(name="catalog-artifacts")
 def publish_catalog_artifacts(store_path: str, report_dir: str) -> None:
     """A table of the catalogued layers and a link to the atlas, as Prefect artifacts."""
-    from pathlib import Path
-
     store = Store(store_path, mode="r")
     rows = []
     for layer in store.groups("catalog"):
@@ -198,11 +221,13 @@ def publish_catalog_artifacts(store_path: str, report_dir: str) -> None:
 
 @flow(name="catalog", log_prints=True)
 def catalog_flow(opts: RunOptions, layers=DEFAULT_LAYERS, top_k: int = 16, bottom_k: int = 8, featvis_n: int = 0,
-                 projections: int | None = None, projection_rule: str = "guided") -> dict:
+                 projections: int | None = None, projection_rule: str = "guided",
+                 activation_images: int | list[str] = ACTIVATION_IMAGES) -> dict:
     opts = resolve_paths(opts, JOB)
     store = Store(opts.store)
     with store.lock():
-        result = run_catalog(opts, store, layers, top_k, bottom_k, featvis_n, projections, projection_rule)
+        result = run_catalog(opts, store, layers, top_k, bottom_k, featvis_n, projections, projection_rule,
+                             activation_images)
         report = publish_report(opts.store, opts.report)
         publish_catalog_artifacts(opts.store, opts.report)
     return {"store": opts.store, "report": str(report), "atlas": f"{opts.report}/catalog/index.html", **result}

@@ -104,6 +104,38 @@ def save_filter_grid(store_path: str, model: str, weights: str | None, device: s
     Store(store_path).write_array("catalog/first_layer_filters", grid, {**attrs, "layer": layer})
 
 
+@task(name="catalog-activation-maps", retries=2, retry_delay_seconds=1)
+def save_activation_maps(store_path: str, items: list[tuple[int, str]], layers: list[str], model: str,
+                         weights: str | None, device: str, attrs: dict) -> list[int]:
+    """Every unit's activation map on a few images, float16 [M, C, H, W] per layer; returns the images' indices.
+
+    Batches through the model cut after the layers; images that fail to decode are left out.
+    """
+    m = cached_model(model, weights, device)
+    done, inputs, maps = [], [], {layer: [] for layer in layers}
+    for batch in iter_batches(items, m.preprocessing, max(1, min(len(items), 32))):
+        if len(batch.indices):
+            acts = run_layers(m, batch.normalized(m.preprocessing, m.device), layers)
+            done += [int(i) for i in batch.indices]
+            inputs.append(batch.images.numpy())
+            for layer in layers:
+                a = acts[layer].float().cpu().numpy()
+                maps[layer].append(a.reshape(*a.shape[:2], *a.shape[2:], *(1,) * (4 - a.ndim)).astype(np.float16))
+    if not done:
+        return done
+    store = Store(store_path)
+    manifest = store.read_manifest()
+    where = {"image_index": done, "paths": [str(manifest["path"].iloc[i]) for i in done]}
+    store.write_array("catalog/activation_inputs", np.concatenate(inputs), {
+        **attrs, **where, "what": "the preprocessed images the activation maps were computed on, uint8 [image, y, x, 3]"})
+    for layer in layers:
+        array = np.concatenate(maps[layer])
+        store.write_array(f"catalog/{layer}/activation_maps", array, {
+            **attrs, **where, "layer": layer, "what": "every unit's activation map (the layer's output) on these images, float16 [image, unit, y, x]"},
+            chunks=(1, *array.shape[1:]))
+    return done
+
+
 @task(name="catalog-patches", retries=2, retry_delay_seconds=1)
 @skip_if_done(id_param="block")
 def catalog_patches(store_path: str, job: str, block: int, data: str, channel_ranges: dict[str, tuple[int, int]],

@@ -1,19 +1,26 @@
 """`neurocat catalog` on the shared images: top-K against an independent brute force, patches,
-statistics, resume, the atlas, runners agreeing, and CLI errors."""
+statistics, resume, the atlas, activation maps, exact windowed projections, runners agreeing,
+and CLI errors."""
 
 import shutil
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
 from conftest import neurocat_cmd
+from engine.catalog import project_units, projection_windows, square_boxes
+from engine.errors import InputError
+from engine.fast import FastOptions, fast_module
 from engine.images import list_images
+from engine.inference import run_layers, run_model
 from engine.receptive_field import receptive_fields
-from flows.catalog import JOB, catalog_flow
+from engine.truncate import UptoModel, upto_module
+from flows.catalog import ACTIVATION_IMAGES, JOB, activation_map_rows, catalog_flow
 from flows.common import RunOptions
 from storage.store import Store
 
@@ -22,7 +29,8 @@ LIMIT, K, KB = 64, 8, 4
 OPTS = dict(limit=LIMIT, shard_size=16, batch_size=16)
 ARRAYS = [f"catalog/{layer}/{name}" for layer in LAYERS for name in (
     "top_value", "top_index", "top_yx", "bottom_value", "bottom_index", "bottom_yx", "top_patch", "bottom_patch",
-    "overlay", "projection", "stats/mean", "stats/std", "stats/max", "stats/rate", "stats/hist", "stats/selectivity")]
+    "overlay", "projection", "activation_maps", "stats/mean", "stats/std", "stats/max", "stats/rate", "stats/hist",
+    "stats/selectivity")]
 
 
 def run(tmp, name, shared_images, runner="threads"):
@@ -172,3 +180,61 @@ def test_cli_rejects_bad_layers_and_k(tmp_path, shared_images):
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_activation_maps_equal_the_hooked_layer_output(catalog, brute):
+    """Every unit's map on the first images, against the eager model's forward hooks (the `brute` fixture)."""
+    tmp, _, store = catalog
+    rows = store.attrs("catalog/activation_inputs")["image_index"]
+    assert rows == list(range(ACTIVATION_IMAGES))
+    inputs = store.read("catalog/activation_inputs")
+    assert np.abs(inputs.astype(int) - np.stack(brute["images"][:len(rows)]).astype(int)).mean() < 1
+    page = (tmp / "threads-report" / "catalog" / "activations.html").read_text()
+    for layer in LAYERS:
+        maps = store.read(f"catalog/{layer}/activation_maps")
+        want = brute["maps"][layer][rows]
+        assert maps.dtype == np.float16 and maps.shape == want.shape
+        assert np.allclose(maps.astype(np.float32), want, rtol=1e-3, atol=1e-3), np.abs(maps - want).max()
+        assert store.attrs(f"catalog/{layer}/activation_maps")["image_index"] == rows
+        assert page.count(f'href="{layer}/unit-') == len(rows) * want.shape[1]  # every tile links to its unit
+    assert len(list((tmp / "threads-report" / "catalog" / "activations").glob("*.png"))) == len(rows) * len(LAYERS)
+
+
+def test_activation_images_by_count_or_path():
+    manifest = pd.DataFrame({"path": ["a/1.jpg", "a/2.jpg", "b/3.jpg", "b/4.jpg"],
+                             "status": ["ok", "skipped", "ok", "ok"]})
+    assert activation_map_rows(manifest, 2) == [0, 2]
+    assert activation_map_rows(manifest, 0) == []
+    assert activation_map_rows(manifest, ["b/4.jpg", "a/1.jpg", "b/4.jpg"]) == [3, 0]
+    with pytest.raises(InputError, match="c/9.jpg"):
+        activation_map_rows(manifest, ["a/1.jpg", "c/9.jpg"])
+
+
+def test_run_layers_equals_run_model_and_stops_at_the_layer(brute, model):
+    x = model.preprocessing.normalize(torch.from_numpy(np.stack(brute["images"][:4])))
+    _, full = run_model(model, x, ["_blocks.5"])
+    assert torch.equal(run_layers(model, x, ["_blocks.5"])["_blocks.5"], full["_blocks.5"])
+    cut = upto_module(model, ("_blocks.5",)).graph
+    assert not any("_conv_head" in str(n.target) for n in cut.graph.nodes)  # nothing after the layer runs
+    eager = UptoModel(fast_module(model, ("_blocks.5",), options=FastOptions.off()))
+    with torch.inference_mode():
+        got = eager(x)["_blocks.5"]
+    assert torch.allclose(got, full["_blocks.5"], atol=1e-3, rtol=1e-3)  # the eager fallback stops by raising
+
+
+def test_projection_windows_give_the_whole_image_projection(brute, model):
+    """Guided backprop on receptive-field windows is exact: the same bytes as on the whole image,
+    for interior units and units at every border (clipped fields)."""
+    layer, rf = "_blocks.5", receptive_fields(model)["_blocks.5"]
+    images = np.stack(brute["images"][:8])
+    yx = np.array([[0, 0], [13, 13], [0, 13], [13, 0], [1, 12], [7, 7], [5, 9], [12, 3]])
+    channels = np.array([3, 10, 17, 24, 31, 38, 45, 79])
+    windows = projection_windows(rf, yx, 224, 224)
+    assert len(np.unique(windows[:, 2:] - windows[:, :2], axis=0)) <= 4  # they batch by shape
+    assert ((windows[:, 2:] - windows[:, :2]) < 100).all()
+    boxes = square_boxes(rf, (14, 14), 224, 224)
+    expected = brute["maps"][layer][np.arange(8), channels, yx[:, 0], yx[:, 1]]
+    whole = project_units(model, layer, images, channels, yx, boxes, 83)
+    windowed = project_units(model, layer, images, channels, yx, boxes, 83, rf=rf, expected=expected)
+    assert np.array_equal(whole, windowed)
+    assert all(p.std() > 0 for p in whole)

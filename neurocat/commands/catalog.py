@@ -15,6 +15,9 @@ def add_arguments(p) -> None:
                    help="feature visualisations of the first N units of each layer (default 0; slow on CPU)")
     p.add_argument("--projections", type=int, metavar="N",
                    help="guided-backprop projections of the top-1 patch for the first N units (default: all)")
+    p.add_argument("--activation-images", default="4", metavar="N|PATHS",
+                   help="store and show every unit's activation map on the first N usable images, or on these "
+                        "comma-separated paths relative to --data (default 4; 0: none)")
     p.add_argument("--projection-rule", choices=["guided", "deconvnet"], default="guided",
                    help="ReLU backward rule of the projections (default guided)")
 
@@ -29,10 +32,12 @@ def run(args) -> dict:
         raise InputError("--layers needs at least one layer name")
     if args.top_k < 1 or args.bottom_k < 0 or args.featvis < 0 or (args.projections is not None and args.projections < 0):
         raise InputError("--top-k must be positive; --bottom-k, --featvis and --projections must not be negative")
+    chosen = args.activation_images.strip()
+    activation_images = int(chosen) if chosen.isdigit() else [p.strip() for p in chosen.split(",") if p.strip()]
     opts = run_options(args)
     model = cached_model(args.model, args.weights, args.device)
     for layer in layers:
         model.resolve(layer)  # a clear error before any flow starts
     result = with_runner(catalog_flow, opts)(opts, layers, args.top_k, args.bottom_k, args.featvis,
-                                              args.projections, args.projection_rule)
+                                              args.projections, args.projection_rule, activation_images)
     return {k: result[k] for k in ("store", "report", "atlas", "layers", "featvis")}

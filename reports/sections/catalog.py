@@ -5,6 +5,8 @@ catalog/<layer>/units-<order>-<n>.html unit index, paged, one page set per sort 
 catalog/<layer>/unit-<c>.html          one unit: top-K and bottom-K patches with image, class and
                                        score, histogram, quantiles, top classes, feature
                                        visualisation, projection and activation-map overlay
+catalog/activations.html               a few images, each beside a grid of every unit's activation
+                                       map per layer (tiles link to the units' pages)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 
 import numpy as np
 
-from engine.catalog import top_classes
+from engine.catalog import ACTIVATION_GAP, activation_grid, activation_layout, tile_boxes, top_classes
 from engine.models import imagenet_classes
 from reports.site import Section, SectionSkipped, Site
 
@@ -135,6 +137,40 @@ def _unit_page(site: Site, L: _Layer, c: int, images: dict[str, np.ndarray], row
                                         ("ok" if featvis else "not rendered")))
 
 
+def _activation_page(site: Site, layers: list[str], labels: np.ndarray) -> str | None:
+    """Each image of `catalog/activation_inputs` beside, per layer, the grid of its units' activation maps."""
+    store = site.store
+    if not store.has("catalog/activation_inputs"):
+        return None
+    inputs = store.array("catalog/activation_inputs")
+    image_index = store.attrs("catalog/activation_inputs")["image_index"]
+    layers = [layer for layer in layers if store.has(f"catalog/{layer}/activation_maps")
+              and store.attrs(f"catalog/{layer}/activation_maps").get("image_index") == image_index]
+    if not layers or not image_index:
+        return None
+    peaks = {layer: store.read(f"catalog/{layer}/stats/max") for layer in layers}
+    images = []
+    for m, i in enumerate(image_index):
+        grids = []
+        for layer in layers:
+            maps = store.array(f"catalog/{layer}/activation_maps")[m].astype(np.float32)  # one chunk
+            c, h, w = maps.shape
+            scale, cols = activation_layout(c, h, w)
+            boxes = tile_boxes(c, h * scale, w * scale, cols, ACTIVATION_GAP)
+            on_image = maps.reshape(c, -1).max(1)
+            grids.append({
+                "layer": layer, "units": c, "h": h, "w": w, "name": f"act-{m}-{_slug(layer)}",
+                "img": site.image(activation_grid(maps, peaks[layer]), f"catalog/activations/{m}-{_slug(layer)}.png"),
+                "tiles": [{"coords": ",".join(map(str, box)), "href": f"{_slug(layer)}/unit-{u}.html",
+                           "title": f"unit {u}: max {on_image[u]:.3g} here, {peaks[layer][u]:.3g} on the dataset"}
+                          for u, box in enumerate(boxes)]})
+        images.append({"index": i, "path": site.manifest["path"].iloc[i], "label": _class_name(labels[i]),
+                       "img": site.image(inputs[m], f"catalog/activations/{m}-input.webp"), "side": inputs.shape[1],
+                       "grids": grids})
+    site.render("catalog_activations.html", "catalog/activations.html", title="Activation maps", images=images)
+    return "catalog/activations.html"
+
+
 def build(site: Site) -> Section | None:
     store = site.store
     if not store.has("catalog") or not store.groups("catalog"):
@@ -172,8 +208,9 @@ def build(site: Site) -> Section | None:
         filters = {"img": site.image(store.read("catalog/first_layer_filters"), "catalog/first_layer_filters.png"),
                    "layer": store.attrs("catalog/first_layer_filters").get("layer")}
     job = store.attrs().get("jobs", {}).get("catalog", {})
+    activations = _activation_page(site, layers, labels)
     site.render("catalog.html", "catalog/index.html", title="Neuron catalogue", cards=cards, filters=filters,
-                seconds=job.get("seconds", {}))
+                activations=activations, seconds=job.get("seconds", {}))
     summary = ", ".join(f"{c['layer']}: {c['units']} units" for c in cards)
     return Section("catalog", "Catalogue", "catalog/index.html", summary,
                    {"layers": len(cards), "units": sum(c["units"] for c in cards),
