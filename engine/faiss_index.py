@@ -150,12 +150,17 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, metric: str) -> tupl
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = max(index.hnsw.efSearch, 2 * k)
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return ids.astype(np.int64), euclidean(scores, ids, metric)
+
+
+def euclidean(scores: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+    """FAISS scores (inner products for `cosine`, squared distances for `l2`) -> float32
+    Euclidean distances, inf where no result (-1)."""
     if metric == "cosine":
         dist = np.sqrt(np.clip(2.0 - 2.0 * scores, 0.0, None))
     else:
         dist = np.sqrt(np.clip(scores, 0.0, None))
-    dist = np.where(ids < 0, np.inf, dist).astype(np.float32)
-    return ids.astype(np.int64), dist
+    return np.where(ids < 0, np.inf, dist).astype(np.float32)
 
 
 def drop_self(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,10 +175,51 @@ def drop_self(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np
 
 
 def knn_graph(index: faiss.Index, vectors: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest other rows of every row of the index (self excluded): [n, k] positions, distances."""
+    """The k nearest other rows of every row of the index (self excluded): [n, k] positions, distances.
+
+    `vectors` are the rows the index holds. An exact index on the CPU is answered by
+    `exact_self_join` (the same neighbours for half the arithmetic); other indices are searched.
+    """
     k = int(min(k, len(vectors) - 1))
+    if k <= 0:
+        return np.zeros((len(vectors), 0), np.int64), np.zeros((len(vectors), 0), np.float32)
+    if isinstance(index, faiss.IndexFlat):
+        return exact_self_join(vectors, k, metric)
     ids, dist = search(index, vectors, k + 1, metric)
     return drop_self(ids, dist, k)
+
+
+def exact_self_join(x: np.ndarray, k: int, metric: str, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest other rows of every row of `x` (prepared): [n, k] positions, distances.
+
+    A flat index's search computes all n^2 scores; the Gram matrix is symmetric, so this
+    computes only its upper-triangular blocks (one float32 GEMM each, as FAISS does) and feeds
+    every block to FAISS's top-k heaps twice, as rows and transposed as columns.
+    """
+    n = len(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    scores, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    heaps = faiss.float_minheap_array_t() if metric == "cosine" else faiss.float_maxheap_array_t()
+    heaps.nh, heaps.k, heaps.val, heaps.ids = n, k, faiss.swig_ptr(scores), faiss.swig_ptr(ids)
+    heaps.heapify()
+    excluded = -np.inf if metric == "cosine" else np.inf  # never enters a heap: self is no neighbour
+    sq = np.einsum("ij,ij->i", x, x) if metric == "l2" else None
+    for i0 in range(0, n, block):
+        xi = x[i0:i0 + block]
+        for j0 in range(i0, n, block):
+            s = xi @ x[j0:j0 + block].T
+            if sq is not None:  # squared distances, as FAISS computes them
+                s *= -2.0
+                s += sq[i0:i0 + block, None]
+                s += sq[None, j0:j0 + block]
+            if j0 == i0:
+                np.fill_diagonal(s, excluded)
+            heaps.addn(s.shape[1], faiss.swig_ptr(s), j0, i0, s.shape[0])
+            if j0 != i0:
+                t = np.ascontiguousarray(s.T)
+                heaps.addn(t.shape[1], faiss.swig_ptr(t), i0, j0, t.shape[0])
+    heaps.reorder()
+    return ids, euclidean(scores, ids, metric)
 
 
 def exact_neighbours(vectors: np.ndarray, rows: np.ndarray, k: int, metric: str) -> np.ndarray:

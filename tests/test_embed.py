@@ -77,6 +77,20 @@ def test_exact_faiss_neighbours_equal_numpy_brute_force(embedded):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_exact_self_join_equals_brute_force_across_blocks_and_duplicates(embedded, metric):
+    feats = embedded["feats"]
+    x = fx.prepare(feats, metric)
+    ids, dist = fx.exact_self_join(x, 10, metric, block=64)  # 4 x 4 blocks, 10 of them computed
+    want_pos, want_dist = brute_force(feats, 10, metric)
+    assert np.array_equal(ids, want_pos)
+    np.testing.assert_allclose(dist, want_dist, rtol=1e-4, atol=1e-3)
+    twins = np.concatenate([x, x[[3, 100, 249]]])  # exact duplicates: each other's nearest, at ~0
+    ids, dist = fx.exact_self_join(twins, 3, metric, block=64)
+    assert ids[[3, 100, 249], 0].tolist() == [250, 251, 252] and ids[250:, 0].tolist() == [3, 100, 249]
+    assert np.all(dist[[3, 100, 249, 250, 251, 252], 0] < 1e-3 * np.median(dist[:, 0]))  # float32 rounding
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_altered_copy_and_original_are_mutual_nearest_neighbours(embedded, model, shared_images, metric):
     manifest, rows, feats = embedded["manifest"], embedded["rows"], embedded["feats"]
     crops = np.stack([resize_crop(altered_copy(shared_images / p), model.preprocessing) for p in ALTERED])
