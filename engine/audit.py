@@ -7,7 +7,7 @@ thumbnails uint8 [N, 64, 64, 3], and the manifest's paths, hashes, labels and sp
 Every finding carries a stable id: a hash of its kind and the paths (or class / unit) it
 is about, so two audits can say which findings are new, resolved or persisting, and a
 rerun on unchanged data gives identical findings (everything here is deterministic:
-exact FAISS search, stable sorts, fixed seeds).
+exact search below engine/faiss_index's flat-index size, stable sorts, fixed seeds).
 
 Near-duplicate thresholds are calibrated per model (DESIGN.md, "Known pitfalls"): the
 similarity of images to augmented copies of themselves (positives) against the
@@ -36,6 +36,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 from scipy.stats import hypergeom
 
+from engine import faiss_index
 from engine.errors import InputError
 
 KINDS = ("near_duplicates", "label_issues", "outliers", "context_reliance", "unit_bias")
@@ -194,15 +195,33 @@ def calibrate(pos_cos: np.ndarray, pos_hash: np.ndarray, pos_kinds: np.ndarray, 
 
 
 # ---- duplicates ---------------------------------------------------------------------------
-def range_pairs_cosine(unit: np.ndarray, rows: np.ndarray, threshold: float) -> np.ndarray:
-    """All pairs (i < j) of `rows` with cosine >= threshold: exact FAISS range search."""
-    x = np.ascontiguousarray(unit[rows])
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    lims, _, found = index.range_search(x, float(threshold) - 1e-6)
-    q = np.repeat(np.arange(len(x)), np.diff(lims).astype(np.int64))
-    keep = q < found
-    return np.stack([rows[q[keep]], rows[found[keep]]], 1) if keep.any() else np.zeros((0, 2), np.int64)
+def _cosine(dist: np.ndarray) -> np.ndarray:
+    """Cosine similarity of unit vectors from faiss_index's Euclidean distance sqrt(2 - 2 cos)."""
+    return 1.0 - dist.astype(np.float64) ** 2 / 2
+
+
+def similar_pairs(unit: np.ndarray, rows: np.ndarray, threshold: float, k: int = 16, kind: str = "auto"
+                  ) -> np.ndarray:
+    """All pairs (i < j) of `rows` with cosine >= threshold, by k-nearest-neighbour search in
+    engine/faiss_index (flat, IVF or HNSW by size; on the GPU when there is one), so memory
+    and time grow with N x k, not N^2. A row whose k-th neighbour still passes is searched
+    again with twice the k, so on an exact (flat) index this is the complete range search."""
+    if len(rows) < 2:
+        return np.zeros((0, 2), np.int64)
+    x = faiss_index.prepare(unit[rows], "cosine")
+    index = faiss_index.build_index(x, kind, "cosine")
+    found: list[np.ndarray] = []
+    pending = np.arange(len(rows))
+    while len(pending):
+        k_now = min(k, len(rows) - 1)
+        ids, dist = faiss_index.search(index, x[pending], k_now + 1, "cosine")
+        hit = (_cosine(dist) >= threshold - 1e-6) & (ids >= 0) & (ids != pending[:, None])
+        q, j = np.nonzero(hit)
+        found.append(np.stack([pending[q], ids[q, j]], 1))
+        pending = pending[hit[:, -1]] if k_now < len(rows) - 1 else pending[:0]
+        k *= 2
+    pairs = np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
+    return rows[pairs] if len(pairs) else np.zeros((0, 2), np.int64)
 
 
 def range_pairs_hash(hashes: np.ndarray, rows: np.ndarray, max_distance: int) -> np.ndarray:
@@ -241,7 +260,7 @@ def duplicate_findings(unit: np.ndarray, hashes: np.ndarray, manifest: pd.DataFr
     """
     rows = np.flatnonzero(usable)
     exact = exact_pairs(manifest["sha256"].to_numpy(), np.flatnonzero(manifest["sha256"].notna().to_numpy()))
-    near = np.concatenate([range_pairs_cosine(unit, rows, cos_threshold), range_pairs_hash(hashes, rows, hash_threshold)])
+    near = np.concatenate([similar_pairs(unit, rows, cos_threshold), range_pairs_hash(hashes, rows, hash_threshold)])
     pairs = np.unique(np.concatenate([exact, np.sort(near, axis=1)]), axis=0)
     if not len(pairs):
         return []
@@ -275,24 +294,19 @@ def duplicate_findings(unit: np.ndarray, hashes: np.ndarray, manifest: pd.DataFr
 
 # ---- label issues -----------------------------------------------------------------------
 def knn(unit: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest other rows (cosine) of every row in `rows`: (indices [n, k], sims [n, k]);
+    """The k nearest other rows (cosine) of every row in `rows`, by engine/faiss_index's kNN
+    graph (exact below its flat-index size): (indices [n, k], cosine similarities [n, k]);
     indices are dataset rows, -1 where fewer than k exist."""
-    x = np.ascontiguousarray(unit[rows])
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    k_eff = min(k + 1, len(rows))
-    sims, found = index.search(x, k_eff)
-    # drop each row itself (wherever exact ties put it), keep the next k
-    self_hit = found == np.arange(len(rows))[:, None]
-    order = np.argsort(self_hit, axis=1, kind="stable")
-    found = np.take_along_axis(found, order, 1)[:, :k]
-    sims = np.take_along_axis(sims, order, 1)[:, :k]
+    x = faiss_index.prepare(unit[rows], "cosine")
+    k_eff = min(k, len(rows) - 1)
+    if k_eff > 0:
+        found, dist = faiss_index.knn_graph(faiss_index.build_index(x, "auto", "cosine"), x, k_eff, "cosine")
+    else:
+        found, dist = np.zeros((len(rows), 0), np.int64), np.zeros((len(rows), 0), np.float32)
     out = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
-    if out.shape[1] < k:
-        pad = k - out.shape[1]
-        out = np.pad(out, ((0, 0), (0, pad)), constant_values=-1)
-        sims = np.pad(sims, ((0, 0), (0, pad)))
-    return out, sims
+    sims = np.where(found >= 0, _cosine(dist), 0.0)
+    pad = k - out.shape[1]
+    return np.pad(out, ((0, 0), (0, pad)), constant_values=-1), np.pad(sims, ((0, 0), (0, pad)))
 
 
 def knn_label_probs(labels: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, n_labels: int) -> np.ndarray:
@@ -607,6 +621,27 @@ def image_changes(previous: pd.DataFrame, current: pd.DataFrame) -> dict:
     moved_from, moved_to = {m["from"] for m in moved}, {m["to"] for m in moved}
     return {"added": [p for p in added if p not in moved_to], "removed": [p for p in removed if p not in moved_from],
             "moved": moved, "modified": sorted(p for p in set(cur) & set(prev) if cur[p] != prev[p])}
+
+
+RESCORED = "rescored"  # the cause of a new or resolved finding about images that did not change
+
+
+def change_causes(images: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """From `image_changes`: what happened to each changed path, as the current audit names
+    it (added, moved, modified) and as the previous one did (removed, moved, modified)."""
+    now = {**{p: "added" for p in images["added"]}, **{m["to"]: "moved" for m in images["moved"]},
+           **{p: "modified" for p in images["modified"]}}
+    before = {**{p: "removed" for p in images["removed"]}, **{m["from"]: "moved" for m in images["moved"]},
+              **{p: "modified" for p in images["modified"]}}
+    return now, before
+
+
+def finding_cause(finding: dict, changed: dict[str, str]) -> str:
+    """Why a duplicate cluster, label suspect or outlier is new (or resolved): the change of
+    its first changed image, or RESCORED when its images are the same bytes at the same
+    paths and only the evidence about them moved (new neighbours, a recalibrated threshold)."""
+    paths = finding.get("paths") or [finding["path"]]
+    return next((changed[p] for p in paths if p in changed), RESCORED)
 
 
 def finding_changes(previous: dict, current: dict) -> dict:

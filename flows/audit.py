@@ -33,6 +33,7 @@ from tasks.audit import CONTEXT_ARRAYS, calibration_copies, context_shard
 JOB = "audit"
 CONTEXT_JOB = "audit-context"
 GATES = ("near_duplicates", "leakage", "label_issues", "outliers", "unit_bias")
+PATH_KINDS = ("near_duplicates", "label_issues", "outliers")  # findings about images, with a drift cause
 
 
 class AuditSettings(BaseModel):
@@ -175,16 +176,28 @@ def previous_state(previous: str) -> dict:
 
 
 def drift(prev: dict, manifest: pd.DataFrame, unit: np.ndarray, usable: np.ndarray, findings: dict) -> dict:
-    """What changed since the previous audit; marks each current finding new or persisting."""
+    """What changed since the previous audit; marks each current finding new or persisting.
+
+    New and resolved duplicate clusters, label suspects and outliers carry a `cause`: the
+    image change behind them (added, moved, modified / removed), or `rescored` when their
+    images are unchanged and only the evidence about them moved, so the planted changes
+    of a dataset are told apart from their side effects on other images' scores."""
+    images = audit.image_changes(prev["manifest"], manifest)
+    changed_now, changed_before = audit.change_causes(images)
     changes = audit.finding_changes(prev["findings"], findings)
+    resolved = {}
     for kind in audit.KINDS:
-        new = set(changes[kind]["new"])
+        new, gone = set(changes[kind]["new"]), set(changes[kind]["resolved"])
+        with_paths = kind in PATH_KINDS
         for f in findings[kind]:
             f["status"] = "new" if f["id"] in new else "persisting"
-    resolved = {kind: [f for f in prev["findings"].get(kind, []) if f["id"] in set(changes[kind]["resolved"])]
-                for kind in audit.KINDS}
+            if with_paths and f["id"] in new:
+                f["cause"] = audit.finding_cause(f, changed_now)
+        resolved[kind] = [{**f, "status": "resolved", **({"cause": audit.finding_cause(f, changed_before)}
+                                                          if with_paths else {})}
+                          for f in prev["findings"].get(kind, []) if f["id"] in gone]
     current = audit.class_centroids(unit[usable], manifest["label"].to_numpy()[usable])
-    return {"previous": prev["path"], "images": audit.image_changes(prev["manifest"], manifest),
+    return {"previous": prev["path"], "images": images,
             "findings": {k: {s: len(v) for s, v in c.items()} for k, c in changes.items()},
             "new_near_duplicates": [f for f in findings["near_duplicates"] if f["status"] == "new"],
             "new_label_issues": [f for f in findings["label_issues"] if f["status"] == "new"],

@@ -143,6 +143,23 @@ def test_planted_near_duplicates_found_with_precision_and_recall(first_audit, pl
     assert leaks == planted["leaks"]
 
 
+def test_similar_pairs_through_faiss_index_equal_brute_force(first_audit):
+    """The kNN search with growing k (engine/faiss_index) finds every pair at or above the
+    threshold, also where rows have many more such neighbours than the first k."""
+    store = Store(first_audit["opts"].store, mode="r")
+    unit = audit.unit_rows(store.read("features/fc7"))
+    rows = np.flatnonzero(store.read_manifest()["status"].to_numpy() == "ok")
+    sims = unit[rows] @ unit[rows].T
+    a, b = np.triu_indices(len(rows), 1)
+    ordered = np.sort(sims[a, b])
+    for quantile in (0.5, 0.99):
+        m = int(quantile * len(ordered))
+        t = float(ordered[m - 1] + ordered[m]) / 2  # between two pairs: no pair sits on the threshold
+        brute = {(int(rows[i]), int(rows[j])) for i, j in zip(a, b) if sims[i, j] >= t}
+        found = audit.similar_pairs(unit, rows, t, k=2)
+        assert {tuple(map(int, p)) for p in found} == brute and len(found) == len(brute)
+
+
 def test_calibration_reports_threshold_fpr_and_recall(first_audit):
     store = Store(first_audit["opts"].store, mode="r")
     cal = store.attrs("audit")["methods"]["calibration"]
@@ -220,38 +237,68 @@ def test_hypergeometric_p_value_matches_brute_force():
     assert np.allclose(audit.bh_adjust(p), false_discovery_control(p, method="bh"))
 
 
+def class_centroid_shift(store_a: Store, store_b: Store) -> dict[str, float]:
+    """Brute force: 1 - cosine between the mean unit fc7 vector of each class in two stores."""
+    def centroids(store):
+        m = store.read_manifest()
+        unit = audit.unit_rows(store.read("features/fc7"))
+        ok = m["status"].to_numpy() == "ok"
+        return {lab: unit[ok & (m["label"].to_numpy() == lab)].mean(0) for lab in set(m["label"][ok])}
+    a, b = centroids(store_a), centroids(store_b)
+    return {lab: 1 - float(a[lab] @ b[lab] / np.linalg.norm(a[lab]) / np.linalg.norm(b[lab])) for lab in a}
+
+
 def test_second_audit_reports_exactly_the_planted_changes(first_audit, planted, tmp_path):
+    """Version 2: two dogs added, a resized copy of a bird added (a new duplicate pair), a
+    bird moved into the dog folder (a new label suspect), a dog and a planted label error
+    (the minivan in the dog folder) removed (a resolved suspect); the vehicles untouched."""
     v2 = tmp_path / "v2"
     shutil.copytree(planted["root"], v2)
-    rel = planted["rel"]
-    removed = rel[planted["used"]["vehicle"][5]]
-    (v2 / removed).unlink()
+    rel, used = planted["rel"], planted["used"]
+    removed = sorted([rel[used["dog"][7]], rel[used["vehicle"][6]]])
+    assert rel[used["vehicle"][6]] in planted["label_errors"]
+    for path in removed:
+        (v2 / path).unlink()
     added = [place(planted["spare"]["dog"][0], v2, "train", "dog"), place(planted["spare"]["dog"][1], v2, "val", "dog")]
-    bird = planted["used"]["bird"][6]
+    bird = used["bird"][6]
     dup = f"train/bird/resized_copy_of_{bird.stem}.jpg"
-    near_copy(shared := bird, v2 / dup, "resized")
-    moved_src = planted["used"]["bird"][5]
+    near_copy(bird, v2 / dup, "resized")
+    moved_src = used["bird"][5]
     moved_to = f"train/dog/{moved_src.name}"
-    (v2 / moved_to).parent.mkdir(parents=True, exist_ok=True)
     shutil.move(v2 / rel[moved_src], v2 / moved_to)
     opts = RunOptions(data=str(v2), store=str(tmp_path / "a2.zarr"), report=str(tmp_path / "r2"), batch_size=16)
     result = audit_flow(opts, previous=first_audit["opts"].store, settings=SETTINGS)
-    d = json.loads(Path(result["findings"]).read_text())["drift"]
-    assert sorted(d["images"]["added"]) == sorted(added + [dup])
-    assert d["images"]["removed"] == [removed]
-    assert d["images"]["moved"] == [{"from": rel[moved_src], "to": moved_to}]
-    assert [c["paths"] for c in d["new_near_duplicates"]] == [sorted([rel[shared], dup])]
-    # the moved image is the new suspect, first; kNN evidence of its new neighbours may shift a
-    # little (a mislabelled image votes for its wrong label), so weaker new suspects may follow
-    new_issues = d["new_label_issues"]
-    assert new_issues[0]["path"] == moved_to and new_issues[0]["suggested"] == "bird"
-    assert all(i["score"] < new_issues[0]["score"] for i in new_issues[1:])
-    assert d["findings"]["near_duplicates"]["resolved"] == 0 and d["findings"]["label_issues"]["resolved"] == 0
-    assert {c["class"] for c in d["centroid_shift"]} == {"dog", "bird", "vehicle"}
+    current = json.loads(Path(result["findings"]).read_text())
+    d = current["drift"]
+    assert d["images"] == {"added": sorted(added + [dup]), "removed": removed,
+                           "moved": [{"from": rel[moved_src], "to": moved_to}], "modified": []}
+    # duplicates: exactly the planted pair is new, caused by an added image; nothing resolved
+    assert [(c["paths"], c["cause"]) for c in d["new_near_duplicates"]] == [(sorted([rel[bird], dup]), "added")]
+    assert d["resolved"]["near_duplicates"] == []
+    # label suspects caused by changed images: exactly the moved bird (new) and the removed minivan (resolved)
+    planted_new = [(i["path"], i["given"], i["suggested"], i["cause"]) for i in d["new_label_issues"]
+                   if i["cause"] != audit.RESCORED]
+    assert planted_new == [(moved_to, "dog", "bird", "moved")]
+    planted_resolved = [(i["path"], i["cause"]) for i in d["resolved"]["label_issues"] if i["cause"] != audit.RESCORED]
+    assert planted_resolved == [(rel[used["vehicle"][6]], "removed")]
+    # the rest of the change in suspects is unchanged images crossing the margin: recomputed from both lists
+    before = {i["path"] for i in first_audit["findings"]["label_issues"]}
+    now = {i["path"] for i in current["label_issues"]}
+    changed_now, changed_before = set(added + [dup, moved_to]), set(removed + [rel[moved_src]])
+    assert {i["path"] for i in d["new_label_issues"] if i["cause"] == audit.RESCORED} == (now - before) - changed_now
+    assert {i["path"] for i in d["resolved"]["label_issues"] if i["cause"] == audit.RESCORED} == \
+        (before - now) - changed_before
+    assert d["findings"]["label_issues"]["new"] == len(now - before)
+    assert d["findings"]["label_issues"]["resolved"] == len(before - now)
+    # class centroids: the reported shift is the brute-force one; the untouched vehicles did not move
+    expected = class_centroid_shift(Store(first_audit["opts"].store, mode="r"), Store(opts.store, mode="r"))
     shifts = {c["class"]: c["shift"] for c in d["centroid_shift"]}
-    assert shifts["bird"] > 0 and shifts["dog"] > 0
+    assert set(shifts) == {"dog", "bird", "vehicle"}
+    for cls, shift in shifts.items():
+        assert shift == pytest.approx(expected[cls], abs=1e-6)
+    assert shifts["vehicle"] < 1e-5 < 1e-3 < min(shifts["dog"], shifts["bird"])
     html = (tmp_path / "r2" / "audit.html").read_text()
-    assert "badge-new" in html and "badge-persisting" in html
+    assert "badge-new" in html and "badge-persisting" in html and "(removed)" in html
 
 
 def test_bad_metadata_is_one_line_exit_2(shared_images, tmp_path, capsys):
