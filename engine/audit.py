@@ -665,7 +665,7 @@ def centroid_shift(previous: dict[str, np.ndarray], current: dict[str, np.ndarra
     for label in sorted(set(previous) & set(current)):
         a, b = previous[label], current[label]
         cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-        out.append({"class": label, "shift": round(1 - cos, 6)})
+        out.append({"class": label, "shift": round(max(1 - cos, 0.0), 6)})  # no -0.0 from rounding
     out.sort(key=lambda f: (-f["shift"], f["class"]))
     return out
 
