@@ -367,40 +367,41 @@ class FastModel:
         if for_grad and options.compile is None:
             options = replace(options, compile=False)  # compiled backward measured no faster than folded
         self.model, self.layers, self.options, self.for_grad = model, layers, options, for_grad
-        self.graph: nn.Module | None = None
+        self.folded: fx.GraphModule | None = None  # BN and padding folded (what compiles)
         if options.any:
             try:
                 with torch.inference_mode(False), torch.no_grad():  # weights usable by autograd too
-                    self.graph = build_graph(model.module, layers, options)
+                    self.folded = build_graph(model.module, layers, options)
             except (_Unsupported, fx.proxy.TraceError):
-                self.graph = None  # hooks on the eager module give these layers exactly
-        if self.graph is not None and options.channels_last:
-            self.graph.to(memory_format=torch.channels_last)
-        self.fused = self._fuse()
-        self.runner = self.fused if self.fused is not None else self.graph  # what runs uncompiled
+                self.folded = None  # hooks on the eager module give these layers exactly
+        if self.folded is not None and options.channels_last:
+            self.folded.to(memory_format=torch.channels_last)
+        # what runs uncompiled: oneDNN-fused where it applies, else the folded graph
+        fused = self._fuse()
+        self.graph: fx.GraphModule | None = fused if fused is not None else self.folded
         self.compiled = None
         self.compiled_batch = 0
         self.compiled_shape: torch.Size | None = None
         self.compile_seconds: float | None = None
         self.eager_seconds = 0.0
-        if self.graph is not None and options.compile is not False:
+        if self.folded is not None and options.compile is not False:
             self.record = _CompileRecord(self._key())
             if options.compile:
                 self._compile()
 
     def _fuse(self) -> fx.GraphModule | None:
         """The graph with oneDNN fusion: fp32 inference on CPU only (no autograd, no autocast)."""
-        if (self.graph is None or not self.options.fuse or self.for_grad or self.options.amp
+        if (self.folded is None or not self.options.fuse or self.for_grad or self.options.amp
                 or not can_fuse(self.model.device)):
             return None
         crop = self.model.preprocessing.crop
         with torch.inference_mode(False), torch.no_grad():
-            return fuse_graph(self.graph, self._layout(torch.zeros(1, 3, crop, crop)))
+            return fuse_graph(self.folded, self._layout(torch.zeros(1, 3, crop, crop)))
 
     def _key(self) -> str:
         import hashlib
 
-        parts = (self.graph.code, str(self.options), str(self.for_grad), torch.__version__, str(self.model.device))
+        parts = (self.folded.code, str(self.options), str(self.for_grad), torch.__version__, str(self.model.device))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
     @property
@@ -410,12 +411,12 @@ class FastModel:
             return "eager"
         if self.compiled is not None:
             return "compiled"
-        return "fused" if self.fused is not None else "folded"
+        return "folded" if self.graph is self.folded else "fused"
 
     def _compile(self) -> None:
         _use_compile_cache()
         options = None if self.for_grad else {"freezing": True}  # constant weights, prepacked for oneDNN
-        self.compiled = torch.compile(self.graph, dynamic=False, options=options)
+        self.compiled = torch.compile(self.folded, dynamic=False, options=options)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = x.to(self.model.device)
@@ -447,7 +448,7 @@ class FastModel:
     def _run(self, x: torch.Tensor):
         if not self._use_compiled(x):
             start = time.perf_counter()
-            out = self.runner(x)
+            out = self.graph(x)
             self.eager_seconds += time.perf_counter() - start
             if self.options.compile is None and self.eager_seconds >= self.record.expected_seconds():
                 self._compile()  # ski rental: compiling now costs at most what eager already cost
@@ -464,7 +465,7 @@ class FastModel:
 
     def _use_compiled(self, x: torch.Tensor) -> bool:
         """Compiled graphs are specialised to one input shape and batch size B (the first batch
-        of at least MIN_COMPILED_BATCH); batches under B/2 (shape probes) run the folded graph."""
+        of at least MIN_COMPILED_BATCH); batches under B/2 (shape probes) run uncompiled."""
         if self.compiled is None:
             return False
         if not self.compiled_batch:

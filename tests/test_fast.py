@@ -82,17 +82,17 @@ def test_fused_graph_is_onednn_kernels_with_the_folded_results(model, shared_bat
     """Every conv of the default form is one oneDNN call with its ReLU6 or residual add; a
     requested conv output stays unfused (the hook sees the conv, not the clamp)."""
     fm = fast_module(model, ("_conv_head",), options=NO_COMPILE)
-    called = [fm.fused.get_submodule(n.target) for n in fm.fused.graph.nodes if n.op == "call_module"]
+    called = [fm.graph.get_submodule(n.target) for n in fm.graph.graph.nodes if n.op == "call_module"]
     convs = [m for m in called if isinstance(m, FusedConv)]
     assert len(convs) == 49 and not any(type(m) is nn.Conv2d for m in called)
     assert sum(isinstance(m, nn.ReLU6) for m in called) == 1  # the head's, after the requested conv
-    assert "add" not in fm.fused.code
+    assert "add" not in fm.graph.code
     assert sum(c.attr == "hardtanh" for c in convs) == 32 and sum(c.residual for c in convs) == 9
-    assert fm.fused.get_submodule("_conv_head").attr == "none"
+    assert fm.graph.get_submodule("_conv_head").attr == "none"
     folded = fast_module(model, ("_conv_head",), options=FastOptions(fuse=False, compile=False))
     assert folded.form == "folded"
     with torch.inference_mode():
-        (logits, head), (ref_logits, ref_head) = fm.fused(shared_batch), folded.graph(shared_batch)
+        (logits, head), (ref_logits, ref_head) = fm.graph(shared_batch), folded.graph(shared_batch)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(head, ref_head, atol=1e-5, rtol=1e-5)
 
