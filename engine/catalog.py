@@ -87,9 +87,30 @@ def to_uint8_hwc(x: torch.Tensor) -> np.ndarray:
 
 def extract_patches(images: np.ndarray, rows: np.ndarray, yx: np.ndarray, boxes: np.ndarray,
                     size: int) -> np.ndarray:
-    """uint8 patches [M, size, size, 3] of units at positions yx [M, 2] in images[rows] (uint8 [N, H, W, 3])."""
+    """uint8 patches [M, size, size, 3] of units at positions yx [M, 2] in images[rows] (uint8 [N, H, W, 3]).
+
+    What `crop_boxes` gives, computed cheaply: boxes of exactly `size` whole pixels (a layer
+    whose receptive field is at most the largest patch size) are copied, which is what
+    `crop_boxes` samples for them, bit for bit; other boxes are resampled once per distinct
+    (image, box), since many units share an image's box when the field covers the image.
+    """
+    box = boxes[yx[:, 0], yx[:, 1]]
+    if len(box) == 0:
+        return np.zeros((0, size, size, 3), np.uint8)
+    if np.array_equal(box, np.round(box)) and (box[:, 2:] - box[:, :2] == size).all():
+        return _copy_boxes(images, rows, box.astype(np.int64), size)
+    distinct, inverse = np.unique(np.column_stack([rows, box]), axis=0, return_inverse=True)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    return to_uint8_hwc(crop_boxes(x, rows, boxes[yx[:, 0], yx[:, 1]], size))
+    return to_uint8_hwc(crop_boxes(x, distinct[:, 0].astype(np.int64), distinct[:, 1:], size))[inverse.ravel()]
+
+
+def _copy_boxes(images: np.ndarray, rows: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
+    """Whole-pixel boxes [M, 4] of side `size` copied from images[rows], PAD_GREY outside the image."""
+    h, w = images.shape[1:3]
+    margin = int(max(0, -box[:, :2].min(), (box[:, 2] - h).max(), (box[:, 3] - w).max()))
+    padded = np.pad(images, ((0, 0), (margin, margin), (margin, margin), (0, 0)), constant_values=int(PAD_GREY))
+    return np.stack([padded[r, y0 + margin:y0 + margin + size, x0 + margin:x0 + margin + size]
+                     for r, (y0, x0) in zip(rows, box[:, :2])])
 
 
 def projection_windows(rf: RF, yx: np.ndarray, height: int, width: int) -> np.ndarray:
