@@ -25,7 +25,7 @@ from engine.models import imagenet_classes
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, shard_fingerprint, shard_items, stage)
 from flows.features import run_features
-from flows.report import publish_report
+from flows.report import _artifact_key, publish_report
 from storage.files import write_json
 from storage.store import Store, fingerprint
 from tasks.audit import CONTEXT_ARRAYS, calibration_copies, context_shard
@@ -272,7 +272,7 @@ def summary_counts(findings: dict) -> dict[str, int]:
 @task(name="audit-artifacts")
 def publish_audit_artifacts(store_path: str, findings: dict, counts: dict, findings_path: str) -> None:
     """A markdown summary and a table of the top findings, as Prefect artifacts."""
-    stem = "".join(c if c.isalnum() else "-" for c in Path(store_path).stem.lower()).strip("-")[:80]
+    key = _artifact_key(store_path) + "-audit"  # per store path: same-named stores elsewhere keep their own
     lines = [f"# Audit of {Path(store_path).name}", ""] + [f"* {k.replace('_', ' ')}: {v}" for k, v in counts.items()]
     imb = findings["imbalance"]["classes"]
     if imb["ratio"] is not None:
@@ -283,7 +283,7 @@ def publish_audit_artifacts(store_path: str, findings: dict, counts: dict, findi
         lines.append(f"* since {d['previous']}: +{len(im['added'])} / -{len(im['removed'])} images, "
                      f"{len(d['new_near_duplicates'])} new duplicate clusters, {len(d['new_label_issues'])} new label issues")
     lines.append(f"* findings: `{findings_path}`")
-    create_markdown_artifact("\n".join(lines), key=f"audit-{stem}", description="neurocat audit summary")
+    create_markdown_artifact("\n".join(lines), key=key, description="neurocat audit summary")
     rows = [{"kind": "near_duplicates", "what": " | ".join(f["paths"]), "score": f["score"], "id": f["id"]}
             for f in findings["near_duplicates"][:50]]
     rows += [{"kind": "label_issues", "what": f"{f['path']}: {f['given']} -> {f['suggested']}", "score": f["score"],
@@ -292,7 +292,7 @@ def publish_audit_artifacts(store_path: str, findings: dict, counts: dict, findi
     rows += [{"kind": "unit_bias", "what": f"{f['layer']}:{f['unit']} {f['column']}={f['group']}",
               "score": f["q_value"], "id": f["id"]} for f in findings["unit_bias"][:20]]
     create_table_artifact(rows or [{"kind": "none", "what": "no findings", "score": None, "id": ""}],
-                          key=f"audit-{stem}-findings", description="top audit findings")
+                          key=key + "-findings", description="top audit findings")
 
 
 def run_audit(opts: RunOptions, store: Store, metadata: str | None = None, previous: str | None = None,

@@ -19,7 +19,7 @@ from PIL import Image
 from scipy.stats import false_discovery_control, hypergeom
 
 from engine import audit
-from flows.audit import AuditGateFailed, AuditSettings, audit_flow, run_audit
+from flows.audit import AuditGateFailed, AuditSettings, apply_metadata_split, audit_flow, run_audit
 from flows.common import RunOptions
 from neurocat.cli import main
 from storage.store import Store
@@ -158,6 +158,52 @@ def test_similar_pairs_through_faiss_index_equal_brute_force(first_audit):
         brute = {(int(rows[i]), int(rows[j])) for i, j in zip(a, b) if sims[i, j] >= t}
         found = audit.similar_pairs(unit, rows, t, k=2)
         assert {tuple(map(int, p)) for p in found} == brute and len(found) == len(brute)
+
+
+def test_audit_publishes_a_markdown_summary_and_a_findings_table(prefect_api, first_audit, planted):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.report import _artifact_key
+
+    key = _artifact_key(first_audit["opts"].store) + "-audit"
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key, key + "-findings"])))
+    by_key = {a.key: a for a in found}
+    findings = first_audit["findings"]
+    assert by_key[key].type == "markdown"
+    assert f"* near duplicates: {len(findings['near_duplicates'])}" in by_key[key].data
+    assert f"* label issues: {len(findings['label_issues'])}" in by_key[key].data
+    table = by_key[key + "-findings"]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    listed = {r["what"] for r in rows if r["kind"] == "near_duplicates"}
+    assert {" | ".join(p) for p in planted["dup_pairs"]} <= listed
+    assert {r["what"].split(":")[0] for r in rows if r["kind"] == "label_issues"} >= planted["label_errors"]
+
+
+def test_a_split_column_in_the_metadata_makes_duplicates_leak(first_audit, tmp_path):
+    """Leakage from the metadata's split column, not only from train/ and val/ folders: a
+    planted within-train pair becomes a leak when the metadata puts its copy in `test`."""
+    opts = first_audit["opts"]
+    store = Store(opts.store, mode="r")
+    manifest = store.read_manifest()
+    pair = next(d["paths"] for d in first_audit["findings"]["near_duplicates"] if not d["leak"])
+    meta = audit.read_metadata(str(_write(tmp_path / "m.csv", pd.DataFrame({"path": [pair[1]], "split": ["test"]}))))
+    relabelled = apply_metadata_split(manifest, meta)
+    usable = manifest["status"].to_numpy() == "ok"
+    unit = audit.unit_rows(store.read("features/fc7"))
+    cal = store.attrs("audit")["methods"]["calibration"]
+    dups = audit.duplicate_findings(unit, audit.dhash(store.read("thumbs")), relabelled, usable,
+                                    cal["fc7_cosine"]["value"], int(-cal["dhash"]["value"]))
+    leaks = [d for d in dups if d["leak"]]
+    before = {tuple(d["paths"]) for d in first_audit["findings"]["leakage"]}
+    assert {tuple(d["paths"]) for d in leaks} == before | {tuple(pair)}
+    assert next(d for d in leaks if d["paths"] == pair)["splits"] == ["test", "train"]
+
+
+def _write(path: Path, df: pd.DataFrame) -> Path:
+    df.to_csv(path, index=False)
+    return path
 
 
 def test_calibration_reports_threshold_fpr_and_recall(first_audit):
