@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from engine.backprop_rules import relu_backward_rule
-from engine.inference import run_model
+from engine.inference import run_layers
 from engine.models import LoadedModel
 from engine.receptive_field import RF
 from engine.topk import EDGES, QUANTILE_LEVELS, ChannelStats
@@ -28,7 +28,7 @@ PAD_GREY = 128.0  # fill of the part of a patch outside the image
 def activation_shapes(model: LoadedModel, layers: list[str]) -> dict[str, tuple[int, int, int]]:
     """(C, H, W) of each layer's output for one preprocessed image ([B, C] outputs give H = W = 1)."""
     size = model.preprocessing.crop
-    _, acts = run_model(model, torch.zeros(1, 3, size, size, device=model.device), layers)
+    acts = run_layers(model, torch.zeros(1, 3, size, size, device=model.device), layers)  # the pass-1 graph
     return {layer: tuple(a.shape[1:]) + (1,) * (4 - a.dim()) for layer, a in acts.items()}
 
 

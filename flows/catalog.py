@@ -117,11 +117,12 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
             for layer, (c, h, w) in shapes.items()}
         attrs = {**prov, "top_k": top_k, "bottom_k": bottom_k}
         facts = save_catalog.submit(opts.store, states, attrs).result()
-        save_filter_grid.submit(opts.store, opts.model, opts.weights, opts.device, prov).result()
+    # beside the patch pass (their arrays are their own): the first-layer filters, the activation maps
+    filters = save_filter_grid.submit(opts.store, opts.model, opts.weights, opts.device, prov)
     map_rows = [i for i in activation_map_rows(manifest, activation_images) if manifest["status"].iloc[i] == "ok"]
     maps = save_activation_maps.submit(opts.store, [(i, str(Path(opts.data) / manifest["path"].iloc[i]))
                                                     for i in map_rows], layers, opts.model, opts.weights,
-                                       opts.device, prov)  # beside the patch pass; its arrays are its own
+                                       opts.device, prov)
 
     rfs = receptive_fields(model)
     n_project = {layer: shapes[layer][0] if projections is None else min(projections, shapes[layer][0])
@@ -149,10 +150,11 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
         patch_results = map_shards(catalog_patches, store, PATCH_JOB, [Shard(j, j, j + 1) for j in range(len(blocks))],
                                    patch_fps, lambda s: dict(
                                        store_path=opts.store, job=PATCH_JOB, block=s.id, data=opts.data,
-                                       channel_ranges=blocks[s.id], model=opts.model, weights=opts.weights,
+                                       channel_ranges=blocks[s.id], rfs={layer: rfs[layer] for layer in layers},
+                                       model=opts.model, weights=opts.weights,
                                        device=opts.device, batch_size=opts.batch_size,
                                        projections=max(n_project.values()), rule=projection_rule), opts.progress)
-    maps.result()
+    filters.result(), maps.result()
     with stage(store, JOB, "featvis"):
         featvis = run_featvis(opts, store, layers, featvis_n, attrs)
     seconds = {}

@@ -3,14 +3,19 @@
 Pass 1 (`catalog_shard`): forward every image of a shard once, fold each layer's output into
 its `ChannelStats`, save the state beside the shard marker (npz, no pickle), marker last.
 Reduce (`merge_catalog_states`): merge shard states pairwise, up a tree of tasks.
-Pass 2 (`catalog_patches`): for one block of channels of every layer, decode only the
-images on those channels' top/bottom lists, crop patches, overlays and projections.
+Pass 2 (`catalog_patches`): for one block of channels of every layer, read only the
+images on those channels' top/bottom lists (from pass 1's bounded in-process cache of
+decoded images where it still holds them, else decoded again), crop patches, overlays,
+and project the top-1 activations.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,7 @@ from engine.images import iter_batches
 from engine.inference import run_layers
 from engine.models import cached_model
 from engine.optvis import visualize_unit
-from engine.receptive_field import receptive_fields
+from engine.receptive_field import RF
 from engine.topk import ChannelStats, LayerStates, merge_states, states_from_arrays, states_to_arrays
 from storage.store import Store
 from tasks.sharding import skip_if_done
@@ -41,6 +46,56 @@ def _timed_batches(batches, seconds: dict):
         yield batch
 
 
+class DecodedImages:
+    """Preprocessed images pass 1 decoded, kept in this process (at most `capacity`) for pass 2.
+
+    The patch pass reads the images on some top/bottom list again: on a dataset of at most
+    `capacity` images that is nearly all of them, and decoding them a second time costs about
+    a third of the forward pass up to a mid layer; beyond that it reads at most C * (K + bottom-K)
+    images whatever N, and finds here the most recent ones. Keyed by path, file size and
+    modification time and preprocessing, so a changed file is decoded again. Oldest out first.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._images: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(path: str, prep) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return path, st.st_size, st.st_mtime_ns, repr(prep)
+
+    def put(self, paths: list[str], images: np.ndarray, prep) -> None:
+        with self._lock:
+            for path, image in zip(paths, images):
+                key = self._key(path, prep)
+                if key is not None:
+                    self._images[key] = image
+                    self._images.move_to_end(key)
+            while len(self._images) > self.capacity:
+                self._images.popitem(last=False)
+
+    def batches(self, items: list[tuple[int, str]], prep, batch_size: int):
+        """Batches (indices, images) of the items found here, and the items that were not."""
+        found, missing = [], []
+        with self._lock:
+            for i, path in items:
+                image = self._images.get(self._key(path, prep))
+                if image is None:
+                    missing.append((i, path))
+                else:
+                    found.append((i, image))
+        chunks = [found[s:s + batch_size] for s in range(0, len(found), batch_size)]
+        return [(np.array([i for i, _ in c], np.int64), np.stack([a for _, a in c])) for c in chunks], missing
+
+
+DECODED = DecodedImages(capacity=512)  # 512 images of 224 px: 77 MB
+
+
 @task(name="catalog-shard", retries=2, retry_delay_seconds=1)
 @skip_if_done
 def catalog_shard(store_path: str, job: str, shard: int, items: list[tuple[int, str]], labels: list[int],
@@ -51,12 +106,14 @@ def catalog_shard(store_path: str, job: str, shard: int, items: list[tuple[int, 
     states = {layer: ChannelStats.empty(c, (h, w), top_k, bottom_k, len(m.classes))
               for layer, (c, h, w) in shapes.items()}
     label_of = dict(zip((i for i, _ in items), labels))
+    path_of = dict(items)
     seconds = defaultdict(float)
     failed: list[tuple[int, str]] = []
     for batch in _timed_batches(iter_batches(items, m.preprocessing, batch_size), seconds):
         failed += batch.failed
         if not len(batch.indices):
             continue
+        DECODED.put([path_of[int(i)] for i in batch.indices], batch.images.numpy(), m.preprocessing)
         t0 = time.perf_counter()
         acts = run_layers(m, batch.normalized(m.preprocessing, m.device), list(states))
         t1 = time.perf_counter()
@@ -139,8 +196,8 @@ def save_activation_maps(store_path: str, items: list[tuple[int, str]], layers: 
 @task(name="catalog-patches", retries=2, retry_delay_seconds=1)
 @skip_if_done(id_param="block")
 def catalog_patches(store_path: str, job: str, block: int, data: str, channel_ranges: dict[str, tuple[int, int]],
-                    model: str, weights: str | None, device: str, batch_size: int, projections: int,
-                    rule: str, fp: str) -> dict:
+                    rfs: dict[str, RF], model: str, weights: str | None, device: str, batch_size: int,
+                    projections: int, rule: str, fp: str) -> dict:
     """Patches, top-1 overlays and projections of channels [c0, c1) of every layer.
 
     Reads only the images on those channels' top/bottom lists, in batches, so memory is
@@ -149,22 +206,23 @@ def catalog_patches(store_path: str, job: str, block: int, data: str, channel_ra
     m = cached_model(model, weights, device)
     store = Store(store_path)
     crop = m.preprocessing.crop
-    rfs = receptive_fields(m)
     seconds = defaultdict(float)
     work = {layer: _BlockWork(store, layer, c0, c1, rfs[layer], crop, projections)
             for layer, (c0, c1) in channel_ranges.items() if c1 > c0}
     needed = np.unique(np.concatenate([w.image_indices() for w in work.values()] + [np.zeros(0, np.int64)]))
     manifest = store.read_manifest()
     items = [(int(i), str(Path(data) / manifest["path"].iloc[i])) for i in needed]
-    for batch in _timed_batches(iter_batches(items, m.preprocessing, batch_size), seconds):
-        if len(batch.indices):
-            images = batch.images.numpy()
+    kept, missing = DECODED.batches(items, m.preprocessing, batch_size)
+    decoded = ((b.indices, b.images.numpy()) for b in iter_batches(missing, m.preprocessing, batch_size))
+    for indices, images in _timed_batches(chain(kept, decoded), seconds):
+        if len(indices):
             for w in work.values():
-                w.consume(batch.indices, images, seconds)
+                w.consume(indices, images, seconds)
     for w in work.values():
         w.project(m, rule, seconds)
         w.write(store)
-    result = {"images": len(needed), "seconds": {k: round(v, 4) for k, v in seconds.items()}}
+    result = {"images": len(needed), "decoded_again": len(missing),
+              "seconds": {k: round(v, 4) for k, v in seconds.items()}}
     store.mark_shard_done(job, block, fp, result)
     return result
 
