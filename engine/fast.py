@@ -16,34 +16,49 @@ set of requested layers:
    becomes symmetric. Measured: keeping the pad op in channels-last costs 30-40%;
    the wider kernel adds only exact zeros;
 4. channels-last (oneDNN's fast layout on CPU);
-5. torch.compile (inductor), with its cache in $NEUROCAT_COMPILE_CACHE (default
-   ~/.cache/neurocat/inductor), specialised to one batch size and input shape;
-6. bf16 autocast (fp16 on CUDA) only on request: its logits differ from fp32 by about 0.1
+5. for inference on CPU, every conv becomes one oneDNN call (`FusedConv`: what inductor's
+   freezing emits, without compiling) with its weight reordered once into oneDNN's blocked
+   layout and its ReLU6 or residual add applied inside the kernel, so the clamp and add
+   never make another pass over memory. Measured: the same bits as the folded graph
+   (clamp and add are exact), about 2x faster than it; built in about a second;
+6. torch.compile (inductor with freezing: prepacked oneDNN convs plus generated kernels for
+   the rest), with its cache in $NEUROCAT_COMPILE_CACHE (default ~/.cache/neurocat/inductor),
+   specialised to one batch size and input shape;
+7. bf16 autocast (fp16 on CUDA) only on request: its logits differ from fp32 by about 0.1
    (measured on EfficientNet-Lite0), far outside the 1e-3 the jobs promise.
 
 Results equal the eager model's within 1e-3 (tests/test_fast.py). Layers the graph cannot
 return exactly (a module called twice such as EfficientNet's shared `_swish`, a submodule of
-a folded conv) fall back to hooks on the eager module.
+a folded conv) fall back to hooks on the eager module; a requested conv keeps its output
+unfused. Backward passes (`for_grad=True`) run the folded graph: the fused kernels have no
+autograd.
 
-When to compile (measured on the 2-core machine, EfficientNet-Lite0, batch 32): the folded
-form is about 2x plain eager and costs about 2 s to build; compiled is about 3-5x
-plain eager but the first compilation takes 60-120 s and a later one, from the persistent
-cache, 15-25 s (dynamo still traces). A short CLI run (the demo's 49 images, a test) would
-lose; a catalogue of 50k images gains minutes. The choice is
-opt-in, because a run's arrays must not depend on when compilation kicked in: a killed
-and resumed run has to end bit-identical to an uninterrupted one, and compiled kernels
-round differently from the folded form (within 1e-6, not bit for bit). So the default is
-the folded form (`compile=False`); `NEUROCAT_FAST_COMPILE=auto` (`compile=None`) is a
-ski-rental rule for long one-off runs: run the folded form and compile once the time
-spent running it reaches the expected compile time (the last measured compile time of
-this graph, kept beside the cache, else 60 s), so a run costs at most twice what the
-better choice in hindsight would have cost. `NEUROCAT_FAST_COMPILE=1` compiles
-at the first batch, `=0` never. Backward passes do not compile unless asked to: compiled
-forward+backward measured about 1.1x plain eager against 2.2x for the folded form.
+Measured (bench/model_path.py, EfficientNet-Lite0, batch 32, 2 threads, 2-core AMD EPYC with
+AVX-512, best of interleaved repeats; the machine was shared, load average about 10, so
+absolute numbers are low and ratios noisy; bench/RESULTS.md has the record): forward,
+folded about 1.5-2x plain eager, fused 3.2-3.5x, compiled 2.2-3.1x (after a first batch of
+40-60 s cold, about 10 s from the warm cache); forward+backward, folded 1.7-1.8x
+(compiled forward+backward measured about 1.2x on a quiet machine, so backward never
+compiles unless asked). 95% of the fused forward is inside oneDNN's convolutions; the
+expansions at 112x112 write 150 MB per batch into freshly mmapped memory, and the page
+faults that costs were 30-45% of the CPU time (sys). glibc can keep that memory instead
+(`GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824:
+glibc.malloc.arena_max=1` in a worker's environment: CPU time of the fused forward down
+about 1.6x, eager's too); that is a process-wide setting, so it is left to the deployment.
+
+Compilation is opt-in: the fused form is faster than or about as fast as the compiled one,
+costs no compile time, and its numerics never change within a run, so a killed and resumed
+run ends bit-identical to an uninterrupted one. A run that compiles (`compile=True`,
+`NEUROCAT_FAST_COMPILE=1`) compiles at its first batch, so it too decides once;
+`NEUROCAT_FAST_COMPILE=auto` (`compile=None`) is a ski-rental rule for long one-off runs
+that do not resume: run uncompiled and compile once the time spent reaches the expected
+compile time (the last measured compile time of this graph, kept beside the cache, else
+60 s); compiled kernels round differently (within 1e-5), so such a run's arrays depend on
+when compilation kicked in.
 
 Flags: `NEUROCAT_FAST=0` gives plain eager; `NEUROCAT_FAST_<FOLD_BN|FOLD_PADDING|
-CHANNELS_LAST|COMPILE|AMP>=0|1` sets one optimisation (COMPILE also takes `auto`); in code,
-`run_model(..., fast=FastOptions(...) | False)`.
+CHANNELS_LAST|FUSE|COMPILE|AMP>=0|1` sets one optimisation (COMPILE also takes `auto`); in
+code, `run_model(..., fast=FastOptions(...) | False)`.
 """
 
 from __future__ import annotations
