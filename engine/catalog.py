@@ -9,6 +9,7 @@ one size per layer. Cropping and resampling of many patches is one `roi_align` c
 from __future__ import annotations
 
 import functools
+import weakref
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from torchvision.ops import roi_align
 from engine.backprop_rules import relu_backward_rule
 from engine.inference import run_layers
 from engine.models import LoadedModel
-from engine.receptive_field import RF
+from engine.receptive_field import RF, receptive_fields
 from engine.topk import EDGES, QUANTILE_LEVELS, ChannelStats
 from engine.truncate import upto_module
 
@@ -30,6 +31,16 @@ def activation_shapes(model: LoadedModel, layers: list[str]) -> dict[str, tuple[
     size = model.preprocessing.crop
     acts = run_layers(model, torch.zeros(1, 3, size, size, device=model.device), layers)  # the pass-1 graph
     return {layer: tuple(a.shape[1:]) + (1,) * (4 - a.dim()) for layer, a in acts.items()}
+
+
+_RECEPTIVE_FIELDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_receptive_fields(model: LoadedModel) -> dict:
+    """`receptive_fields(model)` at its input size, traced once per loaded model and process."""
+    if model not in _RECEPTIVE_FIELDS:
+        _RECEPTIVE_FIELDS[model] = receptive_fields(model)
+    return _RECEPTIVE_FIELDS[model]
 
 
 def patch_size(rf: RF, crop: int, smallest: int = 32, largest: int = 96) -> int:

@@ -18,11 +18,10 @@ import numpy as np
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from engine.catalog import activation_shapes, patch_size
+from engine.catalog import activation_shapes, model_receptive_fields, patch_size
 from engine.errors import InputError
 from engine.images import label_index
 from engine.models import cached_model
-from engine.receptive_field import receptive_fields
 from engine.topk import ChannelStats
 from flows.common import (RunOptions, Shard, map_shards, plan_shards, record_failures, record_job, resolve_paths,
                           scan_dataset, shard_fingerprint, shard_items, stage)
@@ -124,7 +123,7 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
                                                     for i in map_rows], layers, opts.model, opts.weights,
                                        opts.device, prov)
 
-    rfs = receptive_fields(model)
+    rfs = model_receptive_fields(model)
     n_project = {layer: shapes[layer][0] if projections is None else min(projections, shapes[layer][0])
                  for layer in layers}
     blocks = channel_blocks({layer: shapes[layer][0] for layer in layers}, top_k + bottom_k)
