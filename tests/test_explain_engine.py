@@ -9,7 +9,7 @@ from engine import attribution as A
 from engine import faithfulness as Fa
 from engine.backprop_rules import relu_backward_rule
 from engine.hooks import capture, hook_count
-from engine.images import load_preprocessed
+from engine.images import list_images, load_preprocessed
 from engine.segmentation import grabcut_mask
 
 FOLDERS = ["n01440764", "n01514859"]  # tench, hen
@@ -106,14 +106,25 @@ def test_integrated_gradients_reports_its_completeness_error(model, batch):
     assert np.allclose(error.numpy(), completeness(model, x[:1], t[:1], attr), atol=1e-3)
 
 
+COMPLETENESS_SAMPLE = 10  # every 25th of the 250 shared images in index order: not chosen by their error
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured on EfficientNet-Lite0 at 64 Gauss-Legendre nodes from the grey "
-                   "baseline: 10.3% (tench), 4.9% (a second image); from a blurred baseline 10% and 3%; ReLU6 + squeeze-excitation gradients are too rough along the path for 64 "
-                   "nodes; the error is reported per image instead")
-def test_integrated_gradients_completeness_within_1_percent_at_64_steps(model, batch):
-    _, x, t = batch
-    attr, error = A.integrated_gradients(model, x, t, steps=64)
-    assert (completeness(model, x, t, attr) <= 0.01).all()
+@pytest.mark.xfail(strict=True, reason="measured on the 10 sampled shared images, 64 Gauss-Legendre nodes, target "
+                   "logit, baseline 0 (mean colour): 1 of 10 within 1% (median 3.6%, max 20.8%); no rule or "
+                   "baseline does it: 64-step trapezoid 1/10 (median 12.5%), black baseline 4/10 (median 4.1%), "
+                   "softmax probability as F 1/10 (median 2.6%, max 8.2%); the "
+                   "piecewise-linear ReLU6 net's path gradient has spikes narrower than 1/128 near the baseline")
+def test_integrated_gradients_completeness_within_1_percent_at_64_steps(model, shared_images):
+    entries = list_images(shared_images)
+    paths = [shared_images / e.path for e in entries][::len(entries) // COMPLETENESS_SAMPLE]
+    x = model.preprocessing.normalize(torch.from_numpy(np.stack([load_preprocessed(p, model.preprocessing)
+                                                                 for p in paths])))
+    with torch.no_grad():
+        t = model.module(x).argmax(1)
+    attr, _ = A.integrated_gradients(model, x, t, steps=64)
+    errors = completeness(model, x, t, attr)
+    assert (errors <= 0.01).all(), dict(zip((p.parent.name for p in paths), errors.round(4)))
 
 
 def test_guided_backprop_leaves_the_model_unchanged(model, batch):

@@ -16,7 +16,8 @@ from storage.store import Store
 def test_explain_flow_stores_maps_scores_masks_and_report(prefect_api, demo_data, tmp_path, model):
     opts = RunOptions(data=str(demo_data), store=str(tmp_path / "e.zarr"), report=str(tmp_path / "report"),
                       batch_size=2, shard_size=2)
-    args = dict(methods="saliency,gradcam,cam", target="pred", steps=3, max_images=3)
+    args = dict(methods="saliency,gradcam,cam,integrated_gradients", target="pred", steps=3, max_images=3,
+                params={"integrated_gradients": {"steps": 4}})
     result = explain_flow(opts, **args)
     store = Store(result["store"], mode="r")
     n = len(store.read_manifest())
@@ -37,10 +38,16 @@ def test_explain_flow_stores_maps_scores_masks_and_report(prefect_api, demo_data
     expected = A.saliency(model, x, torch.tensor([int(target[0])]))[0]
     assert np.abs(store.read("explain/saliency")[0].astype(np.float32) - (expected / expected.max()).numpy()).max() < 2e-3
 
+    # IG's completeness error per image: the engine's for that image, in the store and on the page
+    error = store.read("explain_info/integrated_gradients_completeness_error")
+    _, expected_error = A.integrated_gradients(model, x, torch.tensor([int(target[0])]), steps=4)
+    assert abs(float(error[0]) - float(expected_error[0])) < 1e-3 * max(1.0, float(expected_error[0]))
+
     report = tmp_path / "report"
     html = (report / "explain.html").read_text()
     assert "random" in html and "deletion AUC" in html
     page = (report / "explain" / "images-1.html").read_text()
+    assert all(f"completeness error {100 * float(e):.1f}%" in page for e in error[:3])
     assert page.count('loading="lazy"') >= 3 * 5
     assert len(list((report / "explain" / "gradcam").glob("*.jpg"))) == 3
 
@@ -59,3 +66,4 @@ def test_cli_rejects_bad_methods_and_targets(tmp_path, demo_data):
                              text=True, timeout=300)
         assert out.returncode == 2, (extra, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+

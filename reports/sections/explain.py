@@ -71,6 +71,8 @@ def image_rows(site: Site, methods: list[str], explained: np.ndarray) -> list[di
     images_arr = store.array(f"{INFO}/image")
     has_mask = store.has(f"{INFO}/mask")
     scores = {m: store.read(f"{INFO}/scores/{m}") for m in methods if store.has(f"{INFO}/scores/{m}")}
+    completeness = store.read(f"{INFO}/integrated_gradients_completeness_error") \
+        if "integrated_gradients" in methods and store.has(f"{INFO}/integrated_gradients_completeness_error") else None
     rows = []
     for start in range(0, len(explained), PER_PAGE):  # a page's worth of rows in memory at a time
         idx = explained[start:start + PER_PAGE]
@@ -82,10 +84,11 @@ def image_rows(site: Site, methods: list[str], explained: np.ndarray) -> list[di
             t = int(target[i])
             row = {"path": manifest.iloc[i]["path"], "label": manifest.iloc[i]["label"],
                    "target": f"{classes.names[t]} ({t})", "prob": float(prob[i]),
-                   "image": site.image(pixels[j], f"explain/img/{i}-{key}.jpg"), "overlays": []}
+                   "image": site.image(pixels[j], f"explain/img/{i}-{key}.jpg"), "overlays": [], "mask": None}
             for m in methods:
                 deletion = float(scores[m][i, 0]) if m in scores else None
-                row["overlays"].append({"method": m, "deletion": deletion,
+                error = float(completeness[i]) if m == "integrated_gradients" and completeness is not None else None
+                row["overlays"].append({"method": m, "deletion": deletion, "completeness": error,
                                         "src": site.image(heat_overlay(pixels[j], maps[m][j]),
                                                           f"explain/{m}/{i}-{key}.jpg")})
             if masks is not None:
