@@ -54,7 +54,7 @@ def test_auto_compiles_once_eager_time_exceeds_the_expected_compile_time(model, 
     fm = fast_module(model, ("_blocks.10",), options=FastOptions(compile=None))
     with torch.inference_mode():
         fm(batch[:8])
-        assert fm.form == "folded"  # a cold compile (about 60 s) is not worth one batch
+        assert fm.form == "fused"  # a cold compile (about 60 s) is not worth one batch
         fm.record.save(0.0)  # pretend this graph compiles in no time now
         fm(batch[:8])
         assert fm.compiled is not None
