@@ -178,3 +178,24 @@ def test_catalogue_top_k_is_the_same(model, shared_batch, eager):
         np.testing.assert_array_equal(ours.bottom_index, ref.bottom_index)
         np.testing.assert_array_equal(ours.top_yx, ref.top_yx)
         np.testing.assert_allclose(ours.top_value, ref.top_value, atol=1e-3)
+
+
+@pytest.mark.parametrize("name, layer, fused_relus", [("resnet18", "layer2", 9), ("alexnet", "features.3", 4)])
+def test_fusion_on_other_architectures(shared_batch, name, layer, fused_relus):
+    """ReLU after a conv (AlexNet's in-place ones, ResNet's shared module) fuses; ResNet's
+    in-place residual `+=` stays a separate add; AlexNet's requested conv keeps its ReLU apart.
+    Seeded random weights, so compared to scale."""
+    from engine.models import load_model
+
+    model = load_model(name, require_weights=False)
+    x = shared_batch[:4]
+    with torch.inference_mode(), capture(model.module, [layer]) as ref:
+        ref_logits = model.module(x)
+    fm = fast_module(model, (layer,), options=NO_COMPILE)
+    convs = [m for m in fm.graph.modules() if isinstance(m, FusedConv)]
+    assert fm.form == "fused" and sum(c.attr == "relu" for c in convs) == fused_relus
+    logits, acts = run_model(model, x, (layer,), fast=NO_COMPILE)
+    scale = ref_logits.abs().max().item()
+    assert (logits - ref_logits).abs().max().item() < 1e-4 * scale
+    assert torch.equal(logits.argmax(1), ref_logits.argmax(1))
+    assert (acts[layer] - ref[layer]).abs().max().item() < 1e-4 * ref[layer].abs().max().item()
