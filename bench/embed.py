@@ -166,7 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20_000, help="points in the exact kNN graph comparison")
     ap.add_argument("--large", type=int, default=100_000, help="exact search against this many points (0: skip)")
-    ap.add_argument("--tsne-n", type=int, default=20_000)
+    ap.add_argument("--tsne-n", type=int, default=20_000, help="points in the t-SNE comparison (0: skip)")
     ap.add_argument("--trust-sample", type=int, default=5_000, help="points trustworthiness is measured on")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="threads for every library (BLAS, OpenMP, FAISS, openTSNE, scikit-learn)")
@@ -186,8 +186,9 @@ def main() -> None:
     if args.large:
         for line in bench_large(args.large):
             print(line, flush=True)
-    for line in bench_tsne(args.tsne_n, args.trust_sample):
-        print(line, flush=True)
+    if args.tsne_n:
+        for line in bench_tsne(args.tsne_n, args.trust_sample):
+            print(line, flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
