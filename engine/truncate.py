@@ -4,9 +4,11 @@ A neuron catalogue needs some layers' outputs, never the logits, so every layer 
 deepest one is wasted work (for EfficientNet-Lite0's `_blocks.5`, most of the network's
 depth). This builds on the fast form of engine/fast.py: its FX graph is copied with the
 output replaced by the requested layers' nodes, and dead code removed, so the activations
-are the same numbers as `run_model` gives, bit for bit, from fewer operations. Where the
-fast path falls back to hooks on the eager module, a forward hook stops the pass by raising
-once every requested layer has been seen.
+are the same numbers as `run_model` gives, bit for bit, from fewer operations (the fused
+inference graph, or the folded one for gradients). Cut graphs are never compiled: with
+NEUROCAT_FAST_COMPILE they differ from `run_model`'s compiled output by rounding (~1e-6).
+Where the fast path falls back to hooks on the eager module, a forward hook stops the pass by
+raising once every requested layer has been seen.
 """
 
 from __future__ import annotations
