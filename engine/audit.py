@@ -44,6 +44,7 @@ HASH_BITS = 64
 MAX_HASH_DISTANCE = 10  # beyond this a 64-bit dHash no longer says "same picture"
 SAME_HASH = 4  # pairs this close are rescaled / recompressed copies, not distinct images
 AUGMENTATIONS = ("resize_jpeg", "jpeg", "crop")
+MAX_NEIGHBOURS = 1024  # the most neighbours one near-duplicate search asks for (GPU FAISS: k <= 2048)
 
 
 # ---- ids --------------------------------------------------------------------------------
@@ -205,7 +206,9 @@ def similar_pairs(unit: np.ndarray, rows: np.ndarray, threshold: float, k: int =
     """All pairs (i < j) of `rows` with cosine >= threshold, by k-nearest-neighbour search in
     engine/faiss_index (flat, IVF or HNSW by size; on the GPU when there is one), so memory
     and time grow with N x k, not N^2. A row whose k-th neighbour still passes is searched
-    again with twice the k, so on an exact (flat) index this is the complete range search."""
+    again with twice the k (up to MAX_NEIGHBOURS, within what a GPU index returns), so on an
+    exact (flat) index this is the complete range search; a row with more near copies
+    than that still joins their cluster through the pairs found."""
     if len(rows) < 2:
         return np.zeros((0, 2), np.int64)
     x = faiss_index.prepare(unit[rows], "cosine")
@@ -213,12 +216,13 @@ def similar_pairs(unit: np.ndarray, rows: np.ndarray, threshold: float, k: int =
     found: list[np.ndarray] = []
     pending = np.arange(len(rows))
     while len(pending):
-        k_now = min(k, len(rows) - 1)
+        k_now = min(k, len(rows) - 1, MAX_NEIGHBOURS)
         ids, dist = faiss_index.search(index, x[pending], k_now + 1, "cosine")
         hit = (_cosine(dist) >= threshold - 1e-6) & (ids >= 0) & (ids != pending[:, None])
         q, j = np.nonzero(hit)
         found.append(np.stack([pending[q], ids[q, j]], 1))
-        pending = pending[hit[:, -1]] if k_now < len(rows) - 1 else pending[:0]
+        full = hit.sum(1) >= k_now  # every other row returned passed (self may sit anywhere among ties)
+        pending = pending[full] if k_now < min(len(rows) - 1, MAX_NEIGHBOURS) else pending[:0]
         k *= 2
     pairs = np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
     return rows[pairs] if len(pairs) else np.zeros((0, 2), np.int64)

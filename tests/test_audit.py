@@ -145,19 +145,24 @@ def test_planted_near_duplicates_found_with_precision_and_recall(first_audit, pl
 
 def test_similar_pairs_through_faiss_index_equal_brute_force(first_audit):
     """The kNN search with growing k (engine/faiss_index) finds every pair at or above the
-    threshold, also where rows have many more such neighbours than the first k."""
+    threshold, also where rows have many more such neighbours than the first k and where
+    identical vectors tie with the row itself."""
     store = Store(first_audit["opts"].store, mode="r")
     unit = audit.unit_rows(store.read("features/fc7"))
     rows = np.flatnonzero(store.read_manifest()["status"].to_numpy() == "ok")
-    sims = unit[rows] @ unit[rows].T
-    a, b = np.triu_indices(len(rows), 1)
-    ordered = np.sort(sims[a, b])
-    for quantile in (0.5, 0.99):
-        m = int(quantile * len(ordered))
-        t = float(ordered[m - 1] + ordered[m]) / 2  # between two pairs: no pair sits on the threshold
-        brute = {(int(rows[i]), int(rows[j])) for i, j in zip(a, b) if sims[i, j] >= t}
-        found = audit.similar_pairs(unit, rows, t, k=2)
-        assert {tuple(map(int, p)) for p in found} == brute and len(found) == len(brute)
+    copies = np.concatenate([unit, np.repeat(unit[rows[:1]], 5, axis=0)])  # six identical rows
+    for vectors, chosen in ((unit, rows), (copies, np.concatenate([rows, np.arange(len(unit), len(copies))]))):
+        sims = vectors[chosen] @ vectors[chosen].T
+        a, b = np.triu_indices(len(chosen), 1)
+        ordered = np.unique(sims[a, b])
+        for quantile in (0.5, 0.99):
+            m = int(quantile * len(ordered))
+            while ordered[m] - ordered[m - 1] < 1e-4:  # a clear gap: no pair within rounding of the threshold
+                m -= 1
+            t = float(ordered[m - 1] + ordered[m]) / 2
+            brute = {(int(chosen[i]), int(chosen[j])) for i, j in zip(a, b) if sims[i, j] >= t}
+            found = audit.similar_pairs(vectors, chosen, t, k=2)
+            assert {tuple(map(int, p)) for p in found} == brute and len(found) == len(brute)
 
 
 def test_audit_publishes_a_markdown_summary_and_a_findings_table(prefect_api, first_audit, planted):
