@@ -211,6 +211,37 @@ def _write(path: Path, df: pd.DataFrame) -> Path:
     return path
 
 
+def test_context_reliance_is_ranked_from_the_stored_occlusions(first_audit):
+    """Brute force from /audit/context: per class, mean p(context only) over mean p(context
+    only) + mean p(object only), ranked; examples are occluded images of that class."""
+    store = Store(first_audit["opts"].store, mode="r")
+    manifest = store.read_manifest()
+    p_obj, p_ctx = store.read("audit/context/p_object"), store.read("audit/context/p_context")
+    done = np.isfinite(store.read("audit/context/p_full"))
+    ranked = first_audit["findings"]["context_reliance"]
+    assert [f["reliance"] for f in ranked] == sorted((f["reliance"] for f in ranked), reverse=True)
+    assert {f["class"] for f in ranked} == {"dog", "bird", "vehicle"}
+    for f in ranked:
+        members = done & (manifest["label"].to_numpy() == f["class"])
+        assert f["images"] == members.sum() == SETTINGS.context_per_class
+        pc, po = p_ctx[members].mean(), p_obj[members].mean()
+        assert f["reliance"] == pytest.approx(pc / (pc + po), abs=1e-4)
+        assert set(f["examples"]) == set(manifest["path"][members])
+
+
+def test_an_image_far_from_every_class_is_an_outlier(first_audit):
+    """A planted feature vector opposite to every image is flagged; the real images are not."""
+    store = Store(first_audit["opts"].store, mode="r")
+    manifest = store.read_manifest()
+    unit = audit.unit_rows(store.read("features/fc7"))
+    usable = manifest["status"].to_numpy() == "ok"
+    far = audit.unit_rows(-unit[usable].mean(0, keepdims=True))
+    planted_manifest = pd.concat([manifest, pd.DataFrame({"path": ["train/dog/far.jpg"], "label": ["dog"]})],
+                                 ignore_index=True)
+    found, facts = audit.outlier_findings(np.concatenate([unit, far]), planted_manifest, np.append(usable, True))
+    assert [f["path"] for f in found] == ["train/dog/far.jpg"], (found, facts)
+
+
 def test_calibration_reports_threshold_fpr_and_recall(first_audit):
     store = Store(first_audit["opts"].store, mode="r")
     cal = store.attrs("audit")["methods"]["calibration"]
