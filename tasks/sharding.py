@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 
+from engine.memory import release_free_memory, tune_malloc
 from storage.store import Store
 
 
@@ -15,6 +16,10 @@ def skip_if_done(fn=None, *, id_param: str = "shard"):
     (a worker that held its result died, and the scheduler recomputes what it lost) and a
     Prefect retry may follow a write that did land; with this, such a rerun costs one
     marker read. The task takes `store_path`, `job`, `fp` and the shard id `id_param`.
+
+    A shard's buffers are all freed when it ends; the process then hands the free pages
+    back to the OS (with malloc tuned: engine/memory.py), so its resident size does not creep up
+    with every shard it runs.
     """
     if fn is None:
         return functools.partial(skip_if_done, id_param=id_param)
@@ -26,6 +31,10 @@ def skip_if_done(fn=None, *, id_param: str = "shard"):
         done = Store(bound["store_path"]).shard_done(bound["job"], bound[id_param], bound["fp"])
         if done is not None:
             return done
-        return fn(*args, **kwargs)
+        tune_malloc()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release_free_memory()
 
     return wrapper

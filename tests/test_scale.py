@@ -2,8 +2,10 @@
 
 import os
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -13,6 +15,9 @@ import zarr
 from flows.catalog import catalog_flow
 from flows.common import RunOptions
 from flows.runners import task_runner
+from storage.store import Store
+
+from conftest import cli_env, neurocat_cmd
 
 CATALOG = dict(layers=("_blocks.5",), top_k=4, bottom_k=2, projections=0)
 
@@ -91,11 +96,32 @@ def test_threads_and_local_clusters_agree(prefect_api, shared_images, tmp_path):
             np.testing.assert_allclose(other, ref, rtol=1e-3, atol=1e-3, err_msg=name, equal_nan=True)
 
 
+def peak_rss_of_catalog(data, store, api_url: str) -> int:
+    """Peak resident bytes (the kernel's high-water mark) of a fresh `neurocat catalog` process.
+
+    A fresh process per run, so neither run inherits the other's imports, caches or
+    allocator state; `wait4` reports that one child's exact peak, no sampling."""
+    args = ["catalog", "--data", str(data), "--store", str(store), "--layers", ",".join(CATALOG["layers"]),
+            "--top-k", str(CATALOG["top_k"]), "--bottom-k", str(CATALOG["bottom_k"]),
+            "--projections", str(CATALOG["projections"]), "--shard-size", "125", "--batch-size", "32", "--json"]
+    log = Path(store).with_suffix(".log")
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(neurocat_cmd() + args, env=cli_env(api_url), stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    return usage.ru_maxrss * 1024  # KiB on Linux
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known: peak RSS 1.59 GB at 250 images vs 2.26 GB at 2,000 "
-                   "(measured 2026-11-23); the growth is not yet located (issue 11)")
 def test_catalog_memory_is_flat_in_n(prefect_api, shared_images, tmp_path):
-    """Peak RSS of a catalogue run over 2,000 images is within 15% of one over 250."""
+    """Peak RSS of a catalogue over 2,000 images is within 150 MB of one over 250 (~1.5 GB).
+
+    Shards of 125: both runs have two shard tasks in flight, so only N differs. What the
+    flow may legitimately keep per image (manifest row, shard paths) is well under 1 kB, so
+    1,750 more images account for < 2 MB; the bound is run-to-run noise of the allocator's
+    peak. Before engine/memory.py the 2,000-image run peaked ~0.3 GB higher (glibc arenas
+    keeping freed decode and activation buffers, more of them with every shard)."""
     big = tmp_path / "big"
     for copy in range(8):  # 8 x 250 = 2,000 distinct files (hard links: no extra disk)
         for src in shared_images.glob("*/*"):
@@ -103,28 +129,10 @@ def test_catalog_memory_is_flat_in_n(prefect_api, shared_images, tmp_path):
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.link(src, dst)
 
-    def peak_rss(data, store) -> int:
-        me = psutil.Process()
-        peak, stop = [me.memory_info().rss], threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak.append(sum(p.memory_info().rss for p in [me] + me.children(recursive=True)
-                                if "uvicorn" not in " ".join(p.cmdline())))
-                time.sleep(0.05)
-
-        t = threading.Thread(target=sample, daemon=True)
-        t.start()
-        # shards of 125: both runs have two shard tasks in flight, so only N differs
-        opts = RunOptions(data=str(data), store=str(store), shard_size=125, batch_size=32)
-        catalog_flow.with_options(task_runner=task_runner("threads"))(opts, **CATALOG)
-        stop.set()
-        t.join()
-        return max(peak)
-
-    small = peak_rss(shared_images, tmp_path / "small.zarr")
-    large = peak_rss(big, tmp_path / "large.zarr")
-    assert large < small * 1.15, (small / 2**20, large / 2**20)
+    small = peak_rss_of_catalog(shared_images, tmp_path / "small.zarr", prefect_api)
+    large = peak_rss_of_catalog(big, tmp_path / "large.zarr", prefect_api)
+    assert Store(tmp_path / "large.zarr", mode="r").attrs("catalog/_blocks.5/stats")["images"] == 2000
+    assert large - small < 150 * 2**20, (small / 2**20, large / 2**20)
 
 
 def test_deployment_entrypoint_runs_a_job_on_the_named_runner(prefect_api, shared_images, tmp_path):
