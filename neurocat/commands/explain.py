@@ -13,6 +13,9 @@ def add_arguments(p) -> None:
     g.add_argument("--target", default="pred", help="class to explain: pred | label | a class index (default pred)")
     g.add_argument("--layer", help="Grad-CAM layer (default: the activation a GAP net pools, else last_conv)")
     g.add_argument("--ig-steps", type=int, default=64, help="integrated gradients: quadrature nodes (default 64)")
+    g.add_argument("--ig-rule", default="gausslegendre",
+                   help="integrated gradients: quadrature rule, gausslegendre (default, as Captum) or "
+                        "riemann_left|right|middle|trapezoid")
     g.add_argument("--ig-baseline", type=float, default=0.0,
                    help="integrated gradients: baseline value after normalisation (default 0 = mean colour)")
     g.add_argument("--smoothgrad-samples", type=int, default=16)
@@ -38,7 +41,7 @@ def method_params(args) -> dict:
                          "--faithfulness-steps not negative")
     return {
         "gradcam": {"layer": args.layer}, "guided_gradcam": {"layer": args.layer},
-        "integrated_gradients": {"steps": args.ig_steps, "baseline": args.ig_baseline},
+        "integrated_gradients": {"steps": args.ig_steps, "baseline": args.ig_baseline, "rule": args.ig_rule},
         "smoothgrad": {"samples": args.smoothgrad_samples, "noise": args.smoothgrad_noise},
         "occlusion": {"patch": args.occlusion_patch, "stride": args.occlusion_stride,
                       "baseline": args.occlusion_baseline},
@@ -46,13 +49,15 @@ def method_params(args) -> dict:
 
 
 def run(args) -> dict:
-    from engine.attribution import occluder_masks, parse_methods, parse_target
+    from engine.attribution import occluder_masks, parse_methods, parse_target, quadrature
     from engine.models import load_model
     from flows.explain import explain_flow
 
     methods = parse_methods(args.methods)
     target = parse_target(args.target)
     params = {m: p for m, p in method_params(args).items() if m in methods}
+    if "integrated_gradients" in methods:
+        quadrature(args.ig_rule, args.ig_steps)  # checks the rule and its number of steps
     opts = run_options(args)
     model = load_model(opts.model, opts.weights, opts.device)
     if "occlusion" in methods:
