@@ -381,6 +381,7 @@ def test_second_audit_reports_exactly_the_planted_changes(first_audit, planted, 
     assert shifts["vehicle"] < 1e-5 < 1e-3 < min(shifts["dog"], shifts["bird"])
     html = (tmp_path / "r2" / "audit.html").read_text()
     assert "badge-new" in html and "badge-persisting" in html and "(removed)" in html
+    assert all(f'alt="{p}"' in html for p in added)  # added images shown as thumbnails
 
 
 def test_bad_metadata_is_one_line_exit_2(shared_images, tmp_path, capsys):

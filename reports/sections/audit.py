@@ -48,7 +48,9 @@ def build(site: Site) -> Section | None:
              "class imbalance (max/min)": findings["imbalance"]["classes"]["ratio"]}
     site.render("audit.html", "audit.html", title="Dataset audit", facts=facts, lists=lists, methods=methods,
                 imbalance=findings["imbalance"], drift=drift, resolved=resolved, thumb_size=THUMB,
-                leakage=with_thumbs(site, findings.get("leakage", []), "paths", row_of))
+                leakage=with_thumbs(site, findings.get("leakage", []), "paths", row_of),
+                added=with_thumbs(site, [{"path": p} for p in drift.get("images", {}).get("added", [])[:50]], "path",
+                                  row_of))
     summary = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
     if drift:
         summary += f"; vs previous: {sum(len(v) for v in (drift['new_near_duplicates'], drift['new_label_issues']))} new"
