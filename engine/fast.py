@@ -373,7 +373,8 @@ class _CompileRecord:
 class FastModel:
     """`fm(x) -> (logits, {layer: activation})`, the same tensors as eager hooks would give.
 
-    Eager until compiling pays (see the module docstring); compiled graphs run on a fixed
+    Uncompiled (fused, or folded) unless compiling is asked for or pays (see the module
+    docstring); compiled graphs run on a fixed
     batch size (smaller batches are zero-padded, larger ones split) so the last, smaller
     batch of a shard does not trigger a second compilation.
     """
