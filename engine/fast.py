@@ -374,9 +374,9 @@ class FastModel:
     """`fm(x) -> (logits, {layer: activation})`, the same tensors as eager hooks would give.
 
     Uncompiled (fused, or folded) unless compiling is asked for or pays (see the module
-    docstring); compiled graphs run on a fixed
-    batch size (smaller batches are zero-padded, larger ones split) so the last, smaller
-    batch of a shard does not trigger a second compilation.
+    docstring); compiled graphs run on a fixed batch size (smaller batches are zero-padded,
+    larger ones split) so the last, smaller batch of a shard does not trigger a second
+    compilation.
     """
 
     def __init__(self, model: LoadedModel, layers: tuple[str, ...], options: FastOptions, for_grad: bool):
