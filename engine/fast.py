@@ -44,7 +44,9 @@ expansions at 112x112 write 150 MB per batch into freshly mmapped memory, and th
 faults that costs were 30-45% of the CPU time (sys). glibc can keep that memory instead
 (`GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824:
 glibc.malloc.arena_max=1` in a worker's environment: CPU time of the fused forward down
-about 1.6x, eager's too); that is a process-wide setting, so it is left to the deployment.
+about 1.6x, eager's too); that is a process-wide setting, so it is left to the deployment,
+and it trades against engine/memory.py, which keeps large blocks mmapped (a fixed 1 MiB
+threshold, overriding the tunable) so a catalogue's resident memory stays flat in N.
 
 Compilation is opt-in: the fused form is faster than or about as fast as the compiled one,
 costs no compile time, and its numerics never change within a run, so a killed and resumed
