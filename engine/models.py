@@ -319,7 +319,7 @@ def layer_table(model: LoadedModel, input_size: int | None = None) -> list[dict]
                 order.append(name)
         return hook
 
-    with torch.no_grad(), forward_hooks(model.module, {n: record(n) for n in model.layer_names()}):
+    with model.lock, torch.no_grad(), forward_hooks(model.module, {n: record(n) for n in model.layer_names()}):
         model.module(x)
     rfs = receptive_fields(model, size)
     return [

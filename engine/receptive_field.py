@@ -153,7 +153,8 @@ def receptive_fields(model, input_size: int | None = None) -> dict[str, RF]:
 
     names = [n for n, _ in module.named_modules() if n]
     x = torch.zeros(1, 3, size, size, device=next(module.parameters()).device)
-    with torch.no_grad(), forward_hooks(module, {n: hook_for(n) for n in names}):
+    # the model lock: other threads' forward passes must neither fire these hooks nor ours
+    with model.lock, torch.no_grad(), forward_hooks(module, {n: hook_for(n) for n in names}):
         tracker.set(x, IDENTITY)
         with tracker:
             module(x)
