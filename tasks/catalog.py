@@ -11,6 +11,7 @@ and project the top-1 activations.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -93,7 +94,13 @@ class DecodedImages:
         return [(np.array([i for i, _ in c], np.int64), np.stack([a for _, a in c])) for c in chunks], missing
 
 
-DECODED = DecodedImages(capacity=256)  # 256 images of 224 px: 38 MB (a constant, so memory stays flat in N)
+@functools.cache
+def decoded_images() -> DecodedImages:
+    """The process's cache: 256 images of 224 px, 38 MB (a constant, so memory stays flat in N).
+
+    Made on first use, not at import: Dask pickles the shard tasks by value with the module
+    globals they name, and a cache instance (its lock) cannot be pickled."""
+    return DecodedImages(capacity=256)
 
 
 @task(name="catalog-shard", retries=2, retry_delay_seconds=1)
@@ -113,7 +120,7 @@ def catalog_shard(store_path: str, job: str, shard: int, items: list[tuple[int, 
         failed += batch.failed
         if not len(batch.indices):
             continue
-        DECODED.put([path_of[int(i)] for i in batch.indices], batch.images.numpy(), m.preprocessing)
+        decoded_images().put([path_of[int(i)] for i in batch.indices], batch.images.numpy(), m.preprocessing)
         t0 = time.perf_counter()
         acts = run_layers(m, batch.normalized(m.preprocessing, m.device), list(states))
         t1 = time.perf_counter()
@@ -212,7 +219,7 @@ def catalog_patches(store_path: str, job: str, block: int, data: str, channel_ra
     needed = np.unique(np.concatenate([w.image_indices() for w in work.values()] + [np.zeros(0, np.int64)]))
     manifest = store.read_manifest()
     items = [(int(i), str(Path(data) / manifest["path"].iloc[i])) for i in needed]
-    kept, missing = DECODED.batches(items, m.preprocessing, batch_size)
+    kept, missing = decoded_images().batches(items, m.preprocessing, batch_size)
     decoded = ((b.indices, b.images.numpy()) for b in iter_batches(missing, m.preprocessing, batch_size))
     for indices, images in _timed_batches(chain(kept, decoded), seconds):
         if len(indices):
