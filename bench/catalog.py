@@ -8,13 +8,18 @@ statistics pass, tree reduce, patch pass with guided-backprop projections of eve
 store writes; no feature visualisations, `--featvis` is 0 by default), and again without
 projections; no report. Prints how the catalogue's time splits between decode, forward,
 state update, patches and projections, and how the fixed per-unit part amortises with N.
-Usage: python bench/catalog.py [--data DIR] [--limit N] [--layer L] [--batch-size B] [--repeat R] [--featvis N]
+By default the 250 shared images are linked 4 times under new names (1,000 distinct files), so
+the per-unit fixed costs (projections, the patch pass) meet a dataset larger than the layer's
+C * (K + bottom-K) list slots; `--copies 1` measures the 250 images alone.
+Usage: python bench/catalog.py [--data DIR] [--copies M] [--limit N] [--layer L] [--batch-size B] [--repeat R]
+       [--featvis N]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,10 +47,24 @@ def raw_forward(model, items, batch_size, layer: str | None = None) -> float:
     return time.perf_counter() - t0
 
 
+def linked_copies(data: Path, copies: int, into: Path) -> Path:
+    """`data` with every image under `copies` names per class folder (hard links where possible)."""
+    for copy in range(copies):
+        for src in sorted(data.glob("*/*")):
+            dst = into / src.parent.name / f"{copy}_{src.name}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+    return into
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-250"))
-    ap.add_argument("--limit", type=int, default=250)
+    ap.add_argument("--copies", type=int, default=4, help="names per image (1: the data as it is)")
+    ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--layer", default="_blocks.5")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2, help="alternate baselines and catalogues this many times")
@@ -64,6 +83,9 @@ def main() -> None:
     from storage.store import Store
 
     model = cached_model("efficientnet_lite0")
+    work = tempfile.TemporaryDirectory()
+    if args.copies > 1:
+        args.data = str(linked_copies(Path(args.data), args.copies, Path(work.name) / "data"))
     items = [(i, str(Path(args.data) / e.path)) for i, e in enumerate(list_images(args.data)[: args.limit])]
     n = len(items)
 
@@ -82,7 +104,7 @@ def main() -> None:
     names = ["raw forward", "raw forward to the layer", "catalog (defaults)", "catalog, no projections"]
     times = {k: [] for k in names}
     splits = {}
-    with prefect_test_harness(server_startup_timeout=180), tempfile.TemporaryDirectory() as tmp:
+    with prefect_test_harness(server_startup_timeout=180), work, tempfile.TemporaryDirectory() as tmp:
         raw_forward(model, items[: args.batch_size], args.batch_size)  # warm-up: fast graphs, Prefect
         raw_forward(model, items[: args.batch_size], args.batch_size, args.layer)
         catalog(f"{tmp}/warm.zarr", args.batch_size, None)
@@ -97,7 +119,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
     load = os.getloadavg()
-    print(f"images={n} layer={args.layer} K=16 bottom-K=8 batch={args.batch_size} featvis={args.featvis} "
+    print(f"images={n} ({args.copies} name(s) per shared image) layer={args.layer} K=16 bottom-K=8 batch={args.batch_size} featvis={args.featvis} "
           f"torch_threads={torch.get_num_threads()} repeats={args.repeat} (best of each); "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     for name in names:
@@ -123,7 +145,7 @@ def main() -> None:
     raw_per_image = best["raw forward"] / n
     print(f"  amortisation (model from this run: {per_image * 1000:.0f} ms per image, {per_read * 1000:.0f} ms per "
           f"image read again, at most {split['slots']}, and {fixed:.1f} s fixed incl. projections):")
-    for big in (n, 1000, 10000, 100000):
+    for big in sorted({n, 1000, 10000, 100000}):
         cost = per_image * big + per_read * min(big, split["slots"]) + fixed
         print(f"    N={big:6d}  projected x{raw_per_image * big / cost:5.2f} of raw forward")
 
