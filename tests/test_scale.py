@@ -34,8 +34,15 @@ def run_catalog(shared_images, store, runner, workers=None, limit=48):
 
 
 def dask_worker_processes() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True)
-            if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+    workers = []
+    for p in psutil.Process().children(recursive=True):
+        try:  # a short-lived child may exit between the listing and the read of its command line
+            cmdline = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+            workers.append(p)
+    return workers
 
 
 def test_killed_worker_costs_only_its_shard(prefect_api, shared_images, tmp_path):
