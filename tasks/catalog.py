@@ -252,6 +252,7 @@ class _BlockWork:
         self.n_project = max(0, min(c1, projections) - c0)
         self.top1_value = store.array(f"{base}/top_value")[c0:c0 + self.n_project, 0]
         self.top1_image = np.zeros((self.n_project, crop, crop, 3), np.uint8)  # projected after the last batch
+        self.projection = np.zeros((self.n_project, self.size, self.size, 3), np.uint8)
 
     def image_indices(self) -> np.ndarray:
         return np.concatenate([idx[idx >= 0] for idx, _ in self.lists.values()])
@@ -277,7 +278,6 @@ class _BlockWork:
         """Projections of the first units' top-1 activations, on receptive-field windows, batched."""
         t0 = time.perf_counter()
         units = np.flatnonzero(self.lists["top"][0][:self.n_project, 0] >= 0)
-        self.projection = np.zeros((self.n_project, self.size, self.size, 3), np.uint8)
         self.projection[units] = project_units(
             m, self.layer, self.top1_image[units], units + self.c0, self.lists["top"][1][units, 0], self.boxes,
             self.size, rule, rf=self.rf, expected=self.top1_value[units])
