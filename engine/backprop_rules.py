@@ -22,20 +22,32 @@ RULES = ("guided", "deconvnet")
 
 
 class _RuleReLU(torch.autograd.Function):
+    """clamp(x, 0, upper) whose backward is the rule's.
+
+    Saves the output, not a mask: y is in (0, upper) exactly where x is, so aten's fused
+    ReLU/ReLU6 backward kernels on y give the forward mask in one pass over memory (a
+    saved boolean mask cost four passes and a dtype conversion: about half of a
+    projection's time on EfficientNet-Lite0).
+    """
+
     @staticmethod
     def forward(ctx, x, upper, rule):
-        ctx.rule = rule
-        lo = x > 0
-        ctx.save_for_backward(lo if upper is None else lo & (x < upper))
-        return x.clamp(min=0) if upper is None else x.clamp(0, upper)
+        ctx.rule, ctx.upper = rule, upper
+        y = x.clamp(min=0) if upper is None else x.clamp(0, upper)
+        if rule == "guided":
+            ctx.save_for_backward(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        positive = grad.clamp(min=0)
         if ctx.rule == "deconvnet":
-            return positive, None, None
-        return positive * mask, None, None
+            return grad.clamp(min=0), None, None
+        (y,) = ctx.saved_tensors
+        if ctx.upper is None:
+            masked = torch.ops.aten.threshold_backward(grad, y, 0)
+        else:
+            masked = torch.ops.aten.hardtanh_backward(grad, y, 0.0, ctx.upper)
+        return masked.clamp_(min=0), None, None
 
 
 def _activation_bounds(m: nn.Module) -> tuple[bool, float | None]:

@@ -144,6 +144,34 @@ def test_guided_backprop_leaves_the_model_unchanged(model, batch):
     assert torch.equal(A.saliency(model, x[:1], t[:1]), plain_before)
 
 
+@pytest.mark.parametrize("rule", ["guided", "deconvnet"])
+def test_relu_rules_equal_backward_hooks(model, batch, rule):
+    """The rule's input gradient against an independent one: full backward hooks on every ReLU6
+    that rewrite the gradient leaving it (guided: the plain ReLU6 gradient's positive part;
+    deconvnet: the positive part of the gradient arriving, ignoring the forward mask)."""
+    _, x, t = batch
+
+    def input_gradient():
+        xg = x.clone().requires_grad_(True)
+        model.module(xg).gather(1, t[:, None]).sum().backward()
+        return xg.grad
+
+    def rewrite(module, grad_in, grad_out):
+        return ((grad_in[0] if rule == "guided" else grad_out[0]).clamp(min=0),)
+
+    relus = [m for m in model.module.modules() if isinstance(m, torch.nn.ReLU6)]
+    assert relus
+    handles = [m.register_full_backward_hook(rewrite) for m in relus]
+    try:
+        expected = input_gradient()
+    finally:
+        for h in handles:
+            h.remove()
+    with relu_backward_rule(model.module, rule):
+        ours = input_gradient()
+    assert rel_err(ours, expected) < 1e-5
+
+
 def test_occlusion_peaks_on_a_pasted_object(model, batch):
     """A tench crop pasted on a flat grey canvas: hiding the fish must hurt the most."""
     images, _, _ = batch
