@@ -212,6 +212,25 @@ def iter_batches(
             yield batch
 
 
+class DecodedBatches:
+    """The batches of `iter_batches` that hold images; after iteration `failed` lists, in
+    index order, the `(index, reason)` of every file that did not decode.
+
+    Shard tasks work on the decoded images and record the failures in their result; this
+    keeps the two apart so no task has to skip the all-failed batches itself.
+    """
+
+    def __init__(self, items: Sequence[tuple[int, str | os.PathLike]], prep: Preprocessing, batch_size: int = 32):
+        self._batches = iter_batches(items, prep, batch_size)
+        self.failed: list[tuple[int, str]] = []
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self._batches:
+            self.failed += batch.failed
+            if len(batch.indices):
+                yield batch
+
+
 def label_index(label: str | None, wnid_index: dict[str, int]) -> int:
     """Class index of a folder label that is a WordNet id, else -1."""
     if label is None:

@@ -14,7 +14,7 @@ from prefect import task
 
 from engine.attacks import (AttackSpec, amplified, perturbation_norms, pixel_forward, to_pixels, to_uint8,
                             universal_perturbation)
-from engine.images import iter_batches
+from engine.images import DecodedBatches
 from engine.inference import run_model
 from engine.models import LoadedModel, cached_model
 from storage.store import Store
@@ -42,8 +42,7 @@ def fit_universal(store_path: str, job: str, group: str, items: list[tuple[int, 
     m = cached_model(model, weights, device)
     attack = AttackSpec(**spec)
     store = Store(store_path)
-    batches = [to_pixels(b.images).to(m.device) for b in iter_batches(items, m.preprocessing, batch_size)
-               if len(b.indices)]
+    batches = [to_pixels(b.images).to(m.device) for b in DecodedBatches(items, m.preprocessing, batch_size)]
     rates = {}
     for eps, key in zip(eps_list, keys):
         p = attack.resolved(eps)
@@ -76,11 +75,8 @@ def attack_shard(store_path: str, job: str, group: str, shard: int, start: int, 
                     f"{k}/conf": np.zeros(n, np.float32)})
     out.update({f"{k}/{name}": np.zeros(n, np.float32) for k in keys for name in ("linf", "l2")})
     shard_labels = np.asarray(labels, dtype=np.int64)
-    failed: list[tuple[int, str]] = []
-    for batch in iter_batches(items, m.preprocessing, batch_size):
-        failed += batch.failed
-        if not len(batch.indices):
-            continue
+    decoded = DecodedBatches(items, m.preprocessing, batch_size)
+    for batch in decoded:
         rows = batch.indices - start
         clean = batch.images
         pred, conf = classify(m, clean)
@@ -110,6 +106,6 @@ def attack_shard(store_path: str, job: str, group: str, shard: int, start: int, 
                              amplified(adv_np, clean.numpy(), gain))
     for name, values in out.items():
         store.write_rows(f"adversarial/{group}/{name}", start, values)
-    result = {"failed": failed}
+    result = {"failed": decoded.failed}
     store.mark_shard_done(job, shard, fp, result)
     return result

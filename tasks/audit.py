@@ -12,7 +12,7 @@ from prefect import task
 
 from engine import audit
 from engine.attribution import gradcam
-from engine.images import ImageError, iter_batches, open_image, resize_crop
+from engine.images import DecodedBatches, ImageError, open_image, resize_crop
 from engine.inference import pooled, run_model
 from engine.models import cached_model
 from storage.store import Store
@@ -69,11 +69,8 @@ def context_shard(store_path: str, job: str, shard: int, start: int, stop: int,
     n = stop - start
     out = {name: np.full(n, np.nan, np.float32) for name in CONTEXT_ARRAYS}
     target_of = {index: t for (index, _), t in zip(items, targets)}
-    failed: list[tuple[int, str]] = []
-    for batch in iter_batches(items, m.preprocessing, batch_size):
-        failed += batch.failed
-        if not len(batch.indices):
-            continue
+    decoded = DecodedBatches(items, m.preprocessing, batch_size)
+    for batch in decoded:
         x = batch.normalized(m.preprocessing, m.device)
         t = torch.tensor([target_of[int(i)] for i in batch.indices], device=x.device)
         cams = gradcam(m, x, t)
@@ -82,6 +79,6 @@ def context_shard(store_path: str, job: str, shard: int, start: int, stop: int,
             out[name][batch.indices - start] = probs[name]
     for name, values in out.items():
         store.write_rows(f"audit/context/{name}", start, values)
-    result = {"failed": failed}
+    result = {"failed": decoded.failed}
     store.mark_shard_done(job, shard, fp, result)
     return result

@@ -24,7 +24,7 @@ from prefect import task
 
 from engine.catalog import (catalog_arrays, extract_patches, filter_grid, overlays, project_units, square_boxes,
                             stats_summary)
-from engine.images import iter_batches
+from engine.images import DecodedBatches
 from engine.inference import run_layers
 from engine.models import cached_model
 from engine.optvis import visualize_unit
@@ -115,11 +115,8 @@ def catalog_shard(store_path: str, job: str, shard: int, items: list[tuple[int, 
     label_of = dict(zip((i for i, _ in items), labels))
     path_of = dict(items)
     seconds = defaultdict(float)
-    failed: list[tuple[int, str]] = []
-    for batch in _timed_batches(iter_batches(items, m.preprocessing, batch_size), seconds):
-        failed += batch.failed
-        if not len(batch.indices):
-            continue
+    decoded = DecodedBatches(items, m.preprocessing, batch_size)
+    for batch in _timed_batches(decoded, seconds):
         decoded_images().put([path_of[int(i)] for i in batch.indices], batch.images.numpy(), m.preprocessing)
         t0 = time.perf_counter()
         acts = run_layers(m, batch.normalized(m.preprocessing, m.device), list(states))
@@ -131,7 +128,7 @@ def catalog_shard(store_path: str, job: str, shard: int, items: list[tuple[int, 
         seconds["update"] += time.perf_counter() - t1
     store = Store(store_path)
     store.save_shard_arrays(job, shard, states_to_arrays(states))
-    result = {"failed": failed, "images": len(items) - len(failed),
+    result = {"failed": decoded.failed, "images": len(items) - len(decoded.failed),
               "seconds": {k: round(v, 4) for k, v in seconds.items()}}
     store.mark_shard_done(job, shard, fp, result)
     return result
@@ -177,14 +174,13 @@ def save_activation_maps(store_path: str, items: list[tuple[int, str]], layers: 
     """
     m = cached_model(model, weights, device)
     done, inputs, maps = [], [], {layer: [] for layer in layers}
-    for batch in iter_batches(items, m.preprocessing, max(1, min(len(items), 32))):
-        if len(batch.indices):
-            acts = run_layers(m, batch.normalized(m.preprocessing, m.device), layers)
-            done += [int(i) for i in batch.indices]
-            inputs.append(batch.images.numpy())
-            for layer in layers:
-                a = acts[layer].float().cpu().numpy()
-                maps[layer].append(a.reshape(*a.shape[:2], *a.shape[2:], *(1,) * (4 - a.ndim)).astype(np.float16))
+    for batch in DecodedBatches(items, m.preprocessing, max(1, min(len(items), 32))):
+        acts = run_layers(m, batch.normalized(m.preprocessing, m.device), layers)
+        done += [int(i) for i in batch.indices]
+        inputs.append(batch.images.numpy())
+        for layer in layers:
+            a = acts[layer].float().cpu().numpy()
+            maps[layer].append(a.reshape(*a.shape[:2], *a.shape[2:], *(1,) * (4 - a.ndim)).astype(np.float16))
     if not done:
         return done
     store = Store(store_path)
@@ -220,11 +216,10 @@ def catalog_patches(store_path: str, job: str, block: int, data: str, channel_ra
     manifest = store.read_manifest()
     items = [(int(i), str(Path(data) / manifest["path"].iloc[i])) for i in needed]
     kept, missing = decoded_images().batches(items, m.preprocessing, batch_size)
-    decoded = ((b.indices, b.images.numpy()) for b in iter_batches(missing, m.preprocessing, batch_size))
+    decoded = ((b.indices, b.images.numpy()) for b in DecodedBatches(missing, m.preprocessing, batch_size))
     for indices, images in _timed_batches(chain(kept, decoded), seconds):
-        if len(indices):
-            for w in work.values():
-                w.consume(indices, images, seconds)
+        for w in work.values():
+            w.consume(indices, images, seconds)
     for w in work.values():
         w.project(m, rule, seconds)
         w.write(store)

@@ -6,7 +6,7 @@ import numpy as np
 from prefect import task
 
 from engine.explanations import explain_batch
-from engine.images import iter_batches, label_index
+from engine.images import DecodedBatches, label_index
 from engine.models import cached_model
 from storage.store import Store
 
@@ -31,11 +31,8 @@ def explain_shard(store_path: str, job: str, shard: int, start: int, stop: int, 
     for method in methods:
         buffers[f"explain/{method}"] = np.zeros((rows,) + store.array(f"explain/{method}").shape[1:], np.float16)
     label_of = dict(zip((i for i, _ in items), labels))
-    failed: list[tuple[int, str]] = []
-    for batch in iter_batches(items, m.preprocessing, batch_size):
-        failed += batch.failed
-        if not len(batch.indices):
-            continue
+    decoded = DecodedBatches(items, m.preprocessing, batch_size)
+    for batch in decoded:
         wanted = np.array([label_index(label_of[int(i)], m.classes.index_of) for i in batch.indices])
         out = explain_batch(m, batch.images, wanted, methods, target, params, steps, segment_with, batch_size)
         rel = batch.indices - start
@@ -52,6 +49,6 @@ def explain_shard(store_path: str, job: str, shard: int, start: int, stop: int, 
             buffers[f"{INFO}/mask"][rel] = out.mask
     for name, data in buffers.items():
         store.write_rows(name, start, data)
-    result = {"failed": failed}
+    result = {"failed": decoded.failed}
     store.mark_shard_done(job, shard, fp, result)
     return result

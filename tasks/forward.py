@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from prefect import task
 
-from engine.images import iter_batches
+from engine.images import DecodedBatches
 from engine.inference import pooled, run_model
 from engine.models import cached_model
 from storage.store import Store
@@ -39,11 +39,8 @@ def features_shard(store_path: str, job: str, shard: int, start: int, stop: int,
     thumbs = np.zeros((n, THUMB, THUMB, 3), dtype=np.uint8)
     feats = {layer: np.zeros((n,) + store.array(f"features/{layer}").shape[1:], dtype=np.float16)
              for layer in layers}
-    failed: list[tuple[int, str]] = []
-    for batch in iter_batches(items, m.preprocessing, batch_size):
-        failed += batch.failed
-        if not len(batch.indices):
-            continue
+    decoded = DecodedBatches(items, m.preprocessing, batch_size)
+    for batch in decoded:
         rows = batch.indices - start
         out, acts = run_model(m, batch.normalized(m.preprocessing, m.device), layers)
         logits[rows] = out.float().cpu().numpy()
@@ -54,6 +51,6 @@ def features_shard(store_path: str, job: str, shard: int, start: int, stop: int,
     store.write_rows("thumbs", start, thumbs)
     for layer, values in feats.items():
         store.write_rows(f"features/{layer}", start, values)
-    result = {"failed": failed}
+    result = {"failed": decoded.failed}
     store.mark_shard_done(job, shard, fp, result)
     return result

@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from badfiles import make_bad_folder, png_header_only
-from engine.images import ImageError, iter_batches, list_images, load_preprocessed, open_image
+from engine.images import DecodedBatches, ImageError, iter_batches, list_images, load_preprocessed, open_image
 from engine.models import Preprocessing
 from storage.manifest import build_manifest
 
@@ -49,6 +49,24 @@ def test_awkward_files(tmp_path, shared_images):
     gray, sixteen = decoded["n01440764/gray.jpg"].astype(int), decoded["n01440764/sixteen_bit.png"].astype(int)
     assert np.abs(gray - sixteen).mean() < 3
     assert np.abs(decoded["n01440764/cmyk.jpg"].astype(int) - decoded["n01440764/good.jpg"].astype(int)).mean() < 8
+
+
+def test_decoded_batches_skip_all_failed_batches_and_keep_every_failure(tmp_path, shared_images):
+    """What shard tasks record: every failure of iter_batches, in order, with its reason;
+    what they compute on: the same images, without the batch whose every file failed."""
+    make_bad_folder(tmp_path, shared_images / TENCH)
+    names = ["good.jpg", "empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png", "gray.jpg"]
+    items = [(i, str(tmp_path / "n01440764" / name)) for i, name in enumerate(names)]
+    prep = Preprocessing()
+    raw = list(iter_batches(items, prep, batch_size=2))
+    decoded = DecodedBatches(items, prep, batch_size=2)
+    batches = list(decoded)
+    assert [b.indices.tolist() for b in raw] == [[0], [], [5]]
+    assert [b.indices.tolist() for b in batches] == [[0], [5]]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(batches, [raw[0], raw[2]]))
+    assert decoded.failed == [f for b in raw for f in b.failed]
+    assert [i for i, _ in decoded.failed] == [1, 2, 3, 4]
+    assert all(reason for _, reason in decoded.failed)
 
 
 def test_bomb_is_refused_before_decoding(tmp_path):
