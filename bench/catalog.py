@@ -1,6 +1,6 @@
 """images/s of the catalogue over one layer (K=16) against the raw forward pass, in one run.
 
-Baseline: the same images decoded by the same pipeline (engine.images.iter_batches) and
+Baseline: the same images decoded by the same pipeline (engine.images.DecodedBatches) and
 pushed through the same model with `engine.inference.run_model` (to the logits), nothing
 else. A second, stricter baseline stops the forward at the layer (`run_layers`), as the
 catalogue does. Catalogue: `run_catalog` with the command's default options (scan,
@@ -25,25 +25,23 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from neurocat.prefect_env import prefect_defaults  # noqa: E402
+
+prefect_defaults()
 
 
 def raw_forward(model, items, batch_size, layer: str | None = None) -> float:
     """Seconds to decode `items` and run the model on them: to the logits, or only up to `layer`."""
-    from engine.images import iter_batches
+    from engine.images import DecodedBatches
     from engine.inference import run_layers, run_model
 
     t0 = time.perf_counter()
-    for batch in iter_batches(items, model.preprocessing, batch_size):
-        if len(batch.indices):
-            x = batch.normalized(model.preprocessing, model.device)
-            run_model(model, x) if layer is None else run_layers(model, x, [layer])
+    for batch in DecodedBatches(items, model.preprocessing, batch_size):
+        x = batch.normalized(model.preprocessing, model.device)
+        run_model(model, x) if layer is None else run_layers(model, x, [layer])
     return time.perf_counter() - t0
 
 

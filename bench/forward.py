@@ -8,19 +8,17 @@ Usage: python bench/forward.py [--data DIR] [--limit N] [--batch-size B]
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from neurocat.prefect_env import prefect_defaults  # noqa: E402
+
+prefect_defaults()
 
 
 def raw_loop(model, paths, batch_size):

@@ -16,16 +16,16 @@ import os
 import sys
 import traceback
 
+from neurocat.prefect_env import prefect_defaults
+
 COMMANDS = ["demo", "predict", "catalog", "embed", "neighbors", "audit", "explain", "render",
             "report", "layers", "plan"]
 
 
 def _prepare_environment(verbose: bool) -> None:
-    """Prefect settings that must be in place before Prefect is imported."""
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    """Prefect settings that must be in place before Prefect is imported; a running
+    neurocat server, when there is one, as the API."""
+    prefect_defaults("INFO" if verbose else "WARNING")
     if not os.environ.get("PREFECT_API_URL"):
         url = os.environ.get("NEUROCAT_PREFECT_SERVER", "http://127.0.0.1:4200/api")
         if _server_alive(url):
