@@ -30,8 +30,9 @@ set of requested layers:
 Results equal the eager model's within 1e-3 (tests/test_fast.py). Layers the graph cannot
 return exactly (a module called twice such as EfficientNet's shared `_swish`, a submodule of
 a folded conv) fall back to hooks on the eager module; a requested conv keeps its output
-unfused. Backward passes (`for_grad=True`) run the folded graph: the fused kernels have no
-autograd.
+unfused. Backward passes (`for_grad=True`) run the fused graph too: FusedConv's autograd
+function saves the conv's input and output and computes what autograd would for the unfused
+ops (the same bits as the folded graph's backward, tested), so only the forward is faster.
 
 Measured (bench/model_path.py, EfficientNet-Lite0, batch 32, 2 threads, 2-core AMD EPYC with
 AVX-512, best of interleaved repeats; the machine was shared, load average about 10, so
@@ -79,6 +80,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from engine.backprop_rules import relu_gradient
 from engine.hooks import capture
 from engine.models import LoadedModel
 
@@ -261,25 +263,63 @@ class FusedConv(nn.Module):
     What inductor's freezing emits for CPU inference (`mkldnn._convolution_pointwise` with a
     weight reordered once into oneDNN's blocked layout), without compiling: no kernel is
     generated, so it costs nothing to build and its numerics never change within a run.
-    Forward only (the ops have no autograd). Measured: the same bits as conv, then clamp/add.
+    Measured: the same bits as conv, then clamp/add. Under autograd it runs as
+    `_FusedConvFunction`: the same forward, and the backward autograd would compute for the
+    unfused ops (the activation's mask, then the conv's input gradient); a ReLU inside
+    follows `relu_rule` (set by engine.backprop_rules.relu_backward_rule).
     """
 
     def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None, residual: bool = False):
         super().__init__()
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.weight = conv.weight.detach()  # plain layout, for the input gradient
         # an opaque oneDNN tensor: a plain attribute, so .to()/state_dict leave it alone
         self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            conv.weight.detach().to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, [])
+            self.weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, [])
         self.bias = None if conv.bias is None else conv.bias.detach().clone()
         self.attr, self.scalars = _onednn_activation(activation) or ("none", [])
         self.residual = residual
+        if self.attr == "relu" or (self.attr == "hardtanh" and self.scalars[0] == 0.0):
+            self.relu_rule: str | None = None  # a ReLU (or ReLU6) inside: backward rules apply
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (other is not None and other.requires_grad)):
+            return _FusedConvFunction.apply(x, other, self)
+        return self.run(x, other)
+
+    def run(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         args = (self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
         if self.residual:
             return torch.ops.mkldnn._convolution_pointwise.binary(x, other, *args, "add", 1.0, None, [], None)
         return torch.ops.mkldnn._convolution_pointwise(x, *args, self.attr, self.scalars, "")
+
+    def input_gradient(self, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rule: str | None):
+        """(d/dx, d/dother) from d/dy: through the activation (its mask from the output y), then the conv."""
+        if self.attr == "relu":
+            grad = relu_gradient(grad, y, None, rule)
+        elif self.attr == "hardtanh":
+            lo, hi = self.scalars
+            grad = (relu_gradient(grad, y, hi, rule) if lo == 0.0
+                    else torch.ops.aten.hardtanh_backward(grad, y, lo, hi))
+        grad_x = torch.ops.aten.convolution_backward(
+            grad, x, self.weight, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups,
+            [True, False, False])[0]
+        return grad_x, (grad if self.residual else None)
+
+
+class _FusedConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, other, conv: FusedConv):
+        y = conv.run(x, other)
+        ctx.conv, ctx.rule = conv, getattr(conv, "relu_rule", None)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        return (*ctx.conv.input_gradient(grad, x, y, ctx.rule), None)
 
 
 def can_fuse(device: torch.device) -> bool:
@@ -408,8 +448,8 @@ class FastModel:
                 self._compile()
 
     def _fuse(self) -> fx.GraphModule | None:
-        """The graph with oneDNN fusion: fp32 inference on CPU only (no autograd, no autocast)."""
-        if (self.folded is None or not self.options.fuse or self.for_grad or self.options.amp
+        """The graph with oneDNN fusion: fp32 on CPU only (no autocast)."""
+        if (self.folded is None or not self.options.fuse or self.options.amp
                 or not can_fuse(self.model.device)):
             return None
         crop = self.model.preprocessing.crop

@@ -142,7 +142,7 @@ def test_saliency_through_the_fast_path_matches_eager(model, shared_batch):
     """Gradients w.r.t. the input: folding is exact for them too (Grad-CAM, renders)."""
     x = shared_batch[:2]
     fm = fast_module(model, ("_conv_head",), for_grad=True, options=NO_COMPILE)
-    assert fm.form == "folded"  # oneDNN's fused kernels have no autograd
+    assert fm.form == "fused"  # FusedConv's autograd function
     ours = _saliency(lambda t: fm(t)[0], x)
     ref = _saliency(model.module, x)
     for a, b in zip(ours, ref):
@@ -153,6 +153,34 @@ def test_saliency_through_the_fast_path_matches_eager(model, shared_batch):
     assert acts["_conv_head"].requires_grad
     (grad,) = torch.autograd.grad(logits[:, 0].sum(), acts["_conv_head"])
     assert grad.shape == acts["_conv_head"].shape and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rule", [None, "guided", "deconvnet"])
+def test_fused_backward_equals_the_folded_graphs_autograd(model, shared_batch, rule):
+    """FusedConv's hand-written backward (mask from the saved output, aten's conv input
+    gradient) against autograd through the unfused folded graph, for the input gradient of a
+    logit and of an intermediate layer's unit, plain and under both ReLU backward rules."""
+    from engine.backprop_rules import relu_backward_rule
+
+    x = shared_batch[:4]
+    fused = fast_module(model, ("_blocks.10",), for_grad=True, options=NO_COMPILE)
+    folded = fast_module(model, ("_blocks.10",), for_grad=True, options=FastOptions(compile=False, fuse=False))
+    assert (fused.form, folded.form) == ("fused", "folded")
+
+    def gradients(fm):
+        out = []
+        for of_layer in (False, True):
+            xg = x.clone().requires_grad_(True)
+            with relu_backward_rule(fm.graph, rule) if rule else torch.enable_grad():
+                logits, acts = fm(xg)
+                score = acts["_blocks.10"][:, 3].sum() if of_layer else logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+                out.append(torch.autograd.grad(score, xg)[0])
+        return out
+
+    for ours, ref in zip(gradients(fused), gradients(folded)):
+        assert ref.abs().sum() > 0
+        assert torch.allclose(ours, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    assert all(getattr(m, "relu_rule", None) is None for m in fused.graph.modules())  # rule restored
 
 
 def test_mixed_precision_is_opt_in_and_keeps_top1(model, shared_batch, eager):
