@@ -3,11 +3,12 @@
 Forward over the same decoded images: plain eager, the folded form (BN + padding folded,
 channels-last), the fused form (the default: conv + ReLU6 / residual add as one oneDNN call)
 and the compiled form (inductor with freezing; its compile time is the first batch's).
-Forward+backward (an input-gradient saliency pass): plain eager vs the folded form.
+Forward+backward (an input-gradient saliency pass): plain eager vs the folded and fused forms.
 Variants run interleaved, several repeats, best of each, because other processes share
 the CPU. Then `neurocat catalog` end to end (the flow in process: scan, decode, forward,
-stats, patches, report) against the plain eager forward measured here.
-Usage: python bench/model_path.py [--images 64] [--repeats 3] [--e2e-limit 250] [--no-compile]
+stats, patches, projections, report) on 250 and 1,000 files, against the plain eager forward
+measured here and against a plain eager loop that decodes the same files.
+Usage: python bench/model_path.py [--images 64] [--repeats 3] [--e2e-copies 1,4] [--no-compile]
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ def backward_steps(model) -> dict:
             logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
         return step
 
-    fm = fast_module(model, for_grad=True, options=FastOptions(compile=False))
-    return {"plain eager": saliency(model.module), f"fast, {fm.form}": saliency(lambda x: fm(x)[0])}
+    folded = fast_module(model, for_grad=True, options=FastOptions(compile=False, fuse=False))
+    fused = fast_module(model, for_grad=True, options=FastOptions(compile=False))
+    return {"plain eager": saliency(model.module), f"fast, {folded.form}": saliency(lambda x: folded(x)[0]),
+            f"fast, {fused.form} (default)": saliency(lambda x: fused(x)[0])}
 
 
 def race(steps: dict, x, batch_size: int, repeats: int) -> dict:
@@ -92,13 +95,16 @@ def print_race(title: str, result: dict, baseline: str = "plain eager") -> None:
     print(f"\n{title}")
     base = result["best"][baseline]
     for name, ips in result["best"].items():
-        print(f"  {name:16s} {ips:7.1f} images/s  x{ips / base:5.2f}   (first batch {result['warmup'][name]:6.1f} s)")
+        print(f"  {name:22s} {ips:7.1f} images/s  x{ips / base:5.2f}   (first batch {result['warmup'][name]:6.1f} s)")
 
 
-def catalog_end_to_end(data: str, limit: int, batch_size: int, fast: bool) -> float:
+def catalog_end_to_end(data: str, batch_size: int, fast: bool, limit: int | None = None) -> float:
+    """images/s of the catalogue flow in process (default layers and options, report included)."""
+    from engine.images import list_images
     from flows.catalog import catalog_flow
     from flows.common import RunOptions
 
+    n = len(list_images(data)[:limit])
     os.environ["NEUROCAT_FAST"] = "1" if fast else "0"
     with tempfile.TemporaryDirectory() as tmp:
         opts = RunOptions(data=data, store=f"{tmp}/c.zarr", report=f"{tmp}/report", limit=limit,
@@ -107,7 +113,35 @@ def catalog_end_to_end(data: str, limit: int, batch_size: int, fast: bool) -> fl
         catalog_flow(opts, ["_blocks.5", "_blocks.10"], 16, 8, 0, None, "guided")
         seconds = time.perf_counter() - t0
     os.environ.pop("NEUROCAT_FAST")
-    return limit / seconds
+    return n / seconds
+
+
+def end_to_end(args, eager_fwd: float) -> None:
+    """The catalogue end to end at each `--e2e-copies` size, against the plain eager forward of
+    decoded tensors (the race above) and against a plain eager loop that also decodes the files
+    (bench/forward.py's PIL + torchvision + model loop, the end-to-end a user would write)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from bench.catalog import linked_copies
+    from bench.forward import raw_loop
+    from engine.images import list_images
+    from engine.models import cached_model
+
+    model = cached_model("efficientnet_lite0")
+    with prefect_test_harness(server_startup_timeout=180), tempfile.TemporaryDirectory() as work:
+        catalog_end_to_end(args.data, args.batch_size, True, limit=args.batch_size)  # warm-up: Prefect, imports
+        for copies in args.e2e_copies:
+            data = args.data if copies == 1 else str(linked_copies(Path(args.data), copies, Path(work) / f"x{copies}"))
+            n = len(list_images(data))
+            fast = catalog_end_to_end(data, args.batch_size, True)
+            loop = raw_loop(model, [Path(data) / e.path for e in list_images(data)], args.batch_size)
+            print(f"\nneurocat catalog end to end, {n} files ({copies} name(s) per shared image; scan, decode, "
+                  f"forward, stats, patches, projections, report)")
+            print(f"  fast path (default)   {fast:7.1f} images/s  x{fast / eager_fwd:5.2f} of plain eager forward "
+                  f"(decoded tensors), x{fast / loop:5.2f} of a plain eager loop over the files ({loop:.1f} images/s)")
+            if copies == args.e2e_copies[0]:
+                eager = catalog_end_to_end(data, args.batch_size, False)
+                print(f"  NEUROCAT_FAST=0       {eager:7.1f} images/s  x{eager / eager_fwd:5.2f} of plain eager forward")
 
 
 def main() -> None:
@@ -116,7 +150,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64, help="decoded images per forward/backward pass")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--e2e-limit", type=int, default=250, help="images of the end-to-end catalogue run (0: skip)")
+    ap.add_argument("--e2e-copies", type=lambda v: [int(c) for c in v.split(",") if c.strip() and int(c)], default="1,4",
+                    help="end-to-end catalogue runs on the shared images under this many names each (1: the 250 "
+                         "images; 4: 1,000 files); empty or 0: skip")
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled variants")
     args = ap.parse_args()
 
@@ -139,18 +175,8 @@ def main() -> None:
     bwd = race(backward_steps(model), x, args.batch_size, args.repeats)
     print_race("forward + backward (input-gradient saliency)", bwd)
 
-    if args.e2e_limit:
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=180):
-            catalog_end_to_end(args.data, args.batch_size, args.batch_size, True)  # warm-up: Prefect, imports
-            e2e = catalog_end_to_end(args.data, args.e2e_limit, args.batch_size, True)
-            e2e_eager = catalog_end_to_end(args.data, args.e2e_limit, args.batch_size, False)
-        eager_fwd = fwd["best"]["plain eager"]
-        print(f"\nneurocat catalog end to end, {args.e2e_limit} images (scan, decode, forward, stats, patches, report)")
-        print(f"  fast path (default)   {e2e:7.1f} images/s  x{e2e / eager_fwd:5.2f} of plain eager forward")
-        print(f"  NEUROCAT_FAST=0       {e2e_eager:7.1f} images/s  x{e2e_eager / eager_fwd:5.2f} of plain eager forward")
-
+    if args.e2e_copies:
+        end_to_end(args, fwd["best"]["plain eager"])
 
 if __name__ == "__main__":
     main()
