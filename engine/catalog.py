@@ -177,28 +177,29 @@ def project_units(model: LoadedModel, layer: str, images: np.ndarray, channels: 
         return out
     name = model.resolve(layer)
     um = upto_module(model, (name,), for_grad=True)
-    whole = np.tile([0, 0, height, width], (n, 1))
-    windows = whole if rf is None else projection_windows(rf, yx, height, width)
     stride = np.array([1, 1]) if rf is None or rf.is_global else np.array(rf.stride)
-    todo = np.arange(n)
-    for attempt in range(2):
-        redo = []
-        shapes = windows[todo, 2:] - windows[todo, :2]
+
+    def project_on(rows: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """Fill out[rows] from each row's window; the units' values on their windows."""
+        values = np.zeros(len(rows), np.float32)
+        shapes = windows[:, 2:] - windows[:, :2]
         for shape in np.unique(shapes, axis=0):
-            rows = todo[(shapes == shape).all(1)]
+            same = np.flatnonzero((shapes == shape).all(1))
             chunk = max(1, pixels // int(shape[0] * shape[1]))
-            for s in range(0, len(rows), chunk):
-                part = rows[s:s + chunk]
-                y0, x0 = windows[part, 0], windows[part, 1]
-                crops = np.stack([images[r, a:a + shape[0], b:b + shape[1]] for r, a, b in zip(part, y0, x0)])
+            for part in (same[s:s + chunk] for s in range(0, len(same), chunk)):
+                r, (y0, x0) = rows[part], windows[part, :2].T
+                crops = np.stack([images[i, a:a + shape[0], b:b + shape[1]] for i, a, b in zip(r, y0, x0)])
                 offset = np.column_stack([y0, x0])
-                out[part], value = _project(model, um, name, crops, channels[part], yx[part] - offset // stride,
-                                            boxes[yx[part, 0], yx[part, 1]] - np.tile(offset, 2), size, rule)
-                if expected is not None and attempt == 0:
-                    redo += part[~np.isclose(value, expected[part], rtol=1e-3, atol=1e-3)].tolist()
-        if not redo:
-            break
-        todo, windows = np.array(redo), whole
+                out[r], values[part] = _project(model, um, name, crops, channels[r], yx[r] - offset // stride,
+                                                boxes[yx[r, 0], yx[r, 1]] - np.tile(offset, 2), size, rule)
+        return values
+
+    whole = np.tile([0, 0, height, width], (n, 1))
+    values = project_on(np.arange(n), whole if rf is None else projection_windows(rf, yx, height, width))
+    if rf is not None and expected is not None:  # a window that misses the catalogue's value: the whole image
+        redo = np.flatnonzero(~np.isclose(values, expected, rtol=1e-3, atol=1e-3))
+        if len(redo):
+            project_on(redo, whole[redo])
     return out
 
 
