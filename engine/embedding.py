@@ -48,6 +48,7 @@ class Space:
     metric: str
     knn_index: np.ndarray  # int64 [n, k], positions of the k nearest other rows
     knn_dist: np.ndarray  # float32 [n, k], Euclidean in the indexed space
+    centre: np.ndarray | None  # cosine: the mean the vectors were centred on (queries need it)
     recall: float | None  # recall@10 of the graph against exact search (1.0 for flat)
     pca: np.ndarray | None = None  # float32 [n, 2]
     pca_explained: list[float] = field(default_factory=list)
@@ -74,8 +75,11 @@ def feature_space(vectors: np.ndarray, kind: str = "auto", metric: str = "l2", k
 
     One FAISS search serves both the stored graph (k) and the t-SNE affinities (3 * perplexity
     neighbours). Approximate indices are measured against exact search (recall@`recall_k`).
+    Cosine spaces are centred on the dataset mean first (`faiss_index.cosine_centre`): the
+    index, graph, maps and their trustworthiness all live in that one space.
     """
-    x = fx.prepare(vectors, metric)
+    centre = fx.cosine_centre(vectors, metric)
+    x = fx.prepare(vectors, metric, centre)
     n = len(x)
     timings: dict[str, float] = {}
     kind = fx.choose_kind(n, kind)
@@ -89,7 +93,7 @@ def feature_space(vectors: np.ndarray, kind: str = "auto", metric: str = "l2", k
     with _timed(timings, "recall"):
         recall = 1.0 if kind == "flat" or n < 2 else fx.measure_recall(ids, x, metric, recall_k, seed=seed)
     k = min(k, ids.shape[1])
-    space = Space(index, kind, metric, ids[:, :k].copy(), dist[:, :k].copy(), recall, timings=timings)
+    space = Space(index, kind, metric, ids[:, :k].copy(), dist[:, :k].copy(), centre, recall, timings=timings)
     if not make_maps:
         return space
     with _timed(timings, "pca"):

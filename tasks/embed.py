@@ -45,7 +45,12 @@ def write_space(store: Store, name: str, space: Space, rows: np.ndarray, n: int,
     store.write_array(f"{base}/knn_index", to_rows(knn.astype(np.int64), rows, n, -1), attrs={
         "what": "dataset indices of the k nearest other images, nearest first; -1 for skipped images"})
     store.write_array(f"{base}/knn_dist", to_rows(space.knn_dist.astype(np.float32), rows, n, np.nan), attrs={
-        "what": "Euclidean distance in the indexed space (cosine: between unit vectors)"})
+        "what": "Euclidean distance in the indexed space (cosine: between centred unit vectors)"})
+    if space.centre is not None:
+        store.write_array(f"{base}/centre", space.centre, attrs={
+            "what": "mean the cosine space is centred on; queries are centred on it too"})
+    else:
+        store.delete(f"{base}/centre")
     for key in ("pca", "tsne"):
         value = getattr(space, key)
         if value is not None:

@@ -33,8 +33,9 @@ def open_space(store_path: str, layer: str):
     return store, store.attrs(f"embed/{layer}")
 
 
-def query_vector(path: str, model, layer: str, metric: str):
-    """The query's layer vector, rounded through float16 like the stored features, prepared for the index."""
+def query_vector(path: str, model, layer: str, metric: str, centre=None):
+    """The query's layer vector, rounded through float16 like the stored features, prepared for
+    the index (centred on the dataset's stored mean, as the indexed vectors were)."""
     import numpy as np
     import torch
 
@@ -48,7 +49,7 @@ def query_vector(path: str, model, layer: str, metric: str):
     except ImageError as e:
         raise InputError(f"cannot use query image {path}: {e}") from None
     vector = layer_vectors(model, torch.from_numpy(image)[None], layer)
-    return prepare(vector.astype(np.float16), metric)
+    return prepare(vector.astype(np.float16), metric, centre)
 
 
 def run(args) -> dict:
@@ -66,7 +67,8 @@ def run(args) -> dict:
     if model.weights_sha256 != attrs.get("weights_sha256"):
         raise InputError(f"the store was embedded with other weights ({attrs.get('weights')}); pass them with --weights")
     metric = attrs["metric"]
-    x = query_vector(args.query, model, args.layer, metric)
+    centre = store.read(f"embed/{args.layer}/centre") if store.has(f"embed/{args.layer}/centre") else None
+    x = query_vector(args.query, model, args.layer, metric, centre)
     index = deserialize(read_index(store, args.layer))
     ids = store.read(f"embed/{args.layer}/ids")
     pos, dist = search(index, x, args.k, metric)
