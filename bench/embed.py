@@ -5,9 +5,10 @@ a dataset with classes), on the same number of threads for every library:
    the job's graph (engine/faiss_index.knn_graph over a flat index: the symmetric self-join,
    FAISS heaps) against scikit-learn `NearestNeighbors(algorithm="brute", metric="cosine")`,
    and against scikit-learn's fastest route to the same neighbours (brute `euclidean` on the
-   unit vectors); a plain FAISS `IndexFlatIP` search of every row, and raw l2 too. Every
-   graph must agree with scikit-learn's. Target >= 2x. Approximate indices (IVF, HNSW) are
-   timed too, with their recall@10.
+   unit vectors; the job first centres cosine vectors on their mean, O(N D), left out here so
+   both get the same vectors); a plain FAISS `IndexFlatIP` search of every row, and raw l2
+   too. Every graph must agree with scikit-learn's. Target >= 2x. Approximate indices (IVF,
+   HNSW) are timed too, with their recall@10.
 2. exact search at a larger N (`--large`): a sample of queries against all N points.
 3. t-SNE of N points (cosine): the project's map (FAISS kNN graph -> openTSNE, PCA init;
    engine/maps: FFT gradients with 2 interpolation points per box) against scikit-learn
