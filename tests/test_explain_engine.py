@@ -106,25 +106,76 @@ def test_integrated_gradients_reports_its_completeness_error(model, batch):
     assert np.allclose(error.numpy(), completeness(model, x[:1], t[:1], attr), atol=1e-3)
 
 
+def test_adaptive_quadrature_crowds_nodes_into_a_spike():
+    """A path score whose derivative is 1 with a spike of 500 on [0.005, 0.008] (this net's
+    integrand has such spikes near the baseline): the adaptive nodes find the spike from the
+    score at the probes, and integrate the known derivative far better than Gauss-Legendre."""
+    def derivative(a):
+        return 1.0 + 500.0 * ((a >= 0.005) & (a < 0.008))
+
+    def score(a):
+        return a + 500.0 * np.clip(np.minimum(a, 0.008) - 0.005, 0, None)
+
+    probes = A.probe_alphas(64)
+    nodes, weights = (v[0].numpy() for v in A.adaptive_quadrature(torch.from_numpy(score(probes.numpy()))[None],
+                                                                   probes, 64))
+    # one midpoint per cell, the cells a partition of [0, 1]
+    edges = np.concatenate([[0], np.cumsum(weights)])
+    assert (weights > 0).all() and abs(edges[-1] - 1) < 1e-12
+    assert np.allclose(nodes, (edges[:-1] + edges[1:]) / 2)
+    gl_nodes, gl_weights = A.quadrature("gausslegendre", 64)
+    in_spike = lambda a: int(((a >= 0.005) & (a < 0.008)).sum())
+    assert in_spike(nodes) >= 10 and in_spike(gl_nodes) == 0
+    exact = score(1.0)
+    assert abs((weights * derivative(nodes)).sum() - exact) / exact < 0.005
+    assert abs((gl_weights * derivative(gl_nodes)).sum() - exact) / exact > 0.5
+    # with all the mass on length it is the midpoint rule
+    uniform, _ = A.adaptive_quadrature(torch.from_numpy(score(probes.numpy()))[None], probes, 64, uniform=1.0)
+    assert np.allclose(uniform[0].numpy(), A.quadrature("riemann_middle", 64)[0])
+
+
 COMPLETENESS_SAMPLE = 10  # every 25th of the 250 shared images in index order: not chosen by their error
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured on the 10 sampled shared images, 64 Gauss-Legendre nodes, target "
-                   "logit, baseline 0 (mean colour): 1 of 10 within 1% (median 3.6%, max 20.8%); no rule or "
-                   "baseline does it: 64-step trapezoid 1/10 (median 12.5%), black baseline 4/10 (median 4.1%), "
-                   "softmax probability as F 1/10 (median 2.6%, max 8.2%); the "
-                   "piecewise-linear ReLU6 net's path gradient has spikes narrower than 1/128 near the baseline")
-def test_integrated_gradients_completeness_within_1_percent_at_64_steps(model, shared_images):
+@pytest.fixture(scope="module")
+def completeness_sample(model, shared_images):
+    """The sampled shared images (normalised), their predicted classes and folder names."""
     entries = list_images(shared_images)
     paths = [shared_images / e.path for e in entries][::len(entries) // COMPLETENESS_SAMPLE]
     x = model.preprocessing.normalize(torch.from_numpy(np.stack([load_preprocessed(p, model.preprocessing)
                                                                  for p in paths])))
     with torch.no_grad():
         t = model.module(x).argmax(1)
+    return x, t, [p.parent.name for p in paths]
+
+
+@pytest.fixture(scope="module")
+def adaptive_errors(model, completeness_sample):
+    x, t, _ = completeness_sample
     attr, _ = A.integrated_gradients(model, x, t, steps=64)
-    errors = completeness(model, x, t, attr)
-    assert (errors <= 0.01).all(), dict(zip((p.parent.name for p in paths), errors.round(4)))
+    return completeness(model, x, t, attr)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured on the 10 sampled shared images, 64 nodes of the "
+                   "default adaptive rule (64 forward probes), target logit, baseline 0 (mean colour): 1 of 10 "
+                   "within 1% (median 1.7%, max 3.5%; Gauss-Legendre: 1/10, median 3.6%, max 20.8%). The "
+                   "piecewise-linear ReLU6 net's path gradient has kinks below the probes' resolution whose "
+                   "error 64 gradients average only to ~1-3%; signed errors scatter around 0")
+def test_integrated_gradients_completeness_within_1_percent_at_64_steps(completeness_sample, adaptive_errors):
+    names = completeness_sample[2]
+    assert (adaptive_errors <= 0.01).all(), dict(zip(names, adaptive_errors.round(4)))
+
+
+@pytest.mark.slow
+def test_adaptive_nodes_beat_gauss_legendre_on_the_sample(model, completeness_sample, adaptive_errors):
+    """The default rule's reason to be: on the same images, its median and worst
+    completeness errors are below those of Captum's Gauss-Legendre rule with as many gradients."""
+    x, t, _ = completeness_sample
+    attr, _ = A.integrated_gradients(model, x, t, steps=64, rule="gausslegendre")
+    gauss = completeness(model, x, t, attr)
+    assert np.median(adaptive_errors) < np.median(gauss) and adaptive_errors.max() < gauss.max(), (
+        adaptive_errors.round(4), gauss.round(4))
 
 
 def test_guided_backprop_leaves_the_model_unchanged(model, batch):

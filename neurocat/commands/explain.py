@@ -13,9 +13,12 @@ def add_arguments(p) -> None:
     g.add_argument("--target", default="pred", help="class to explain: pred | label | a class index (default pred)")
     g.add_argument("--layer", help="Grad-CAM layer (default: the activation a GAP net pools, else last_conv)")
     g.add_argument("--ig-steps", type=int, default=64, help="integrated gradients: quadrature nodes (default 64)")
-    g.add_argument("--ig-rule", default="gausslegendre",
-                   help="integrated gradients: quadrature rule, gausslegendre (default, as Captum) or "
-                        "riemann_left|right|middle|trapezoid")
+    g.add_argument("--ig-rule", default="adaptive",
+                   help="integrated gradients: quadrature rule, adaptive (default: nodes placed where the score "
+                        "moves along the path, found by --ig-probes extra forward passes per image), "
+                        "gausslegendre (as Captum) or riemann_left|right|middle|trapezoid")
+    g.add_argument("--ig-probes", type=int, default=64,
+                   help="integrated gradients, adaptive rule: forward-only probes of the path per image (default 64)")
     g.add_argument("--ig-baseline", type=float, default=0.0,
                    help="integrated gradients: baseline value after normalisation (default 0 = mean colour)")
     g.add_argument("--smoothgrad-samples", type=int, default=16)
@@ -35,13 +38,14 @@ def method_params(args) -> dict:
     """Per-method keyword arguments of engine.attribution from the command line."""
     from engine.errors import InputError
 
-    if args.ig_steps < 1 or args.smoothgrad_samples < 1 or args.faithfulness_steps < 0 or \
+    if args.ig_steps < 1 or args.ig_probes < 1 or args.smoothgrad_samples < 1 or args.faithfulness_steps < 0 or \
             (args.max_images is not None and args.max_images < 1):
-        raise InputError("--ig-steps, --smoothgrad-samples and --max-images must be positive, "
+        raise InputError("--ig-steps, --ig-probes, --smoothgrad-samples and --max-images must be positive, "
                          "--faithfulness-steps not negative")
     return {
         "gradcam": {"layer": args.layer}, "guided_gradcam": {"layer": args.layer},
-        "integrated_gradients": {"steps": args.ig_steps, "baseline": args.ig_baseline, "rule": args.ig_rule},
+        "integrated_gradients": {"steps": args.ig_steps, "baseline": args.ig_baseline, "rule": args.ig_rule,
+                                 "probes": args.ig_probes},
         "smoothgrad": {"samples": args.smoothgrad_samples, "noise": args.smoothgrad_noise},
         "occlusion": {"patch": args.occlusion_patch, "stride": args.occlusion_stride,
                       "baseline": args.occlusion_baseline},
@@ -49,7 +53,7 @@ def method_params(args) -> dict:
 
 
 def run(args) -> dict:
-    from engine.attribution import occluder_masks, parse_methods, parse_target, quadrature
+    from engine.attribution import check_ig_rule, occluder_masks, parse_methods, parse_target
     from engine.models import load_model
     from flows.explain import explain_flow
 
@@ -57,7 +61,7 @@ def run(args) -> dict:
     target = parse_target(args.target)
     params = {m: p for m, p in method_params(args).items() if m in methods}
     if "integrated_gradients" in methods:
-        quadrature(args.ig_rule, args.ig_steps)  # checks the rule and its number of steps
+        check_ig_rule(args.ig_rule, args.ig_steps)
     opts = run_options(args)
     model = load_model(opts.model, opts.weights, opts.device)
     if "occlusion" in methods:
