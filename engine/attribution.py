@@ -330,8 +330,8 @@ def integrated_gradients(model: LoadedModel, x: torch.Tensor, targets: torch.Ten
     the path wide close to the baseline, where the logit rises. Fixed nodes miss them:
     Gauss-Legendre, the best fixed rule measured, puts ~6 of 64 nodes in [0, 0.02].
     The default `adaptive` rule first probes S_t at `probes` points of the path with forward
-    passes only (on the model's fast form; CPU: ~1.7 s per image for 64 probes beside
-    ~4 s for 64 gradients), then places the `steps` gradient nodes where S_t bends
+    passes only (on the model's fast form; 2 shared CPU cores: ~0.7 s per image for 64
+    probes beside ~4 s for 64 gradients, bench/ig_rules.py), then places the `steps` gradient nodes where S_t bends
     (`adaptive_quadrature`). Completeness error at 64 steps, 64 probes, on every 25th shared
     image: 1/10 within 1%, median 1.7%, max 3.5% (Gauss-Legendre: 1/10, 3.6%, 20.8%); on
     every 25th from the 13th (not used to choose the rule): 5/10, median 0.95%, max 2.3%
