@@ -328,19 +328,19 @@ def integrated_gradients(model: LoadedModel, x: torch.Tensor, targets: torch.Ten
     The net is piecewise linear (ReLU6), so the integrand dS_t/dalpha is piecewise constant,
     with a few spikes (to +-900 where the whole path integral is ~10) a few thousandths of
     the path wide close to the baseline, where the logit rises. Fixed nodes miss them:
-    Gauss-Legendre, the best fixed rule measured, puts ~6 of 64 nodes in [0, 0.02].
-    The default `adaptive` rule first probes S_t at `probes` points of the path with forward
-    passes only (on the model's fast form; 2 shared CPU cores: ~0.7 s per image for 64
-    probes beside ~4 s for 64 gradients, bench/ig_rules.py), then places the `steps` gradient nodes where S_t bends
-    (`adaptive_quadrature`). Completeness error at 64 steps, 64 probes, on every 25th shared
-    image: 1/10 within 1%, median 1.7%, max 3.5% (Gauss-Legendre: 1/10, 3.6%, 20.8%); on
-    every 25th from the 13th (not used to choose the rule): 5/10, median 0.95%, max 2.3%
-    (Gauss-Legendre: 1/10, 5.4%, 15.1%). Fixed nodes graded towards the baseline,
-    alpha = ((k + 1/2) / 64)^2, gave 2/10, median 2.6%, max 6.8% on the first sample. What
-    is left looks like noise: the signed errors scatter around 0, and the integrand's
-    kinks below the probes' resolution move it by a few percent of its size, so 64
-    gradients average them only to ~1%. The error per image is therefore measured and
-    stored, not assumed.
+    Gauss-Legendre (Captum's rule) puts ~6 of 64 nodes in [0, 0.02]. The default
+    `adaptive` rule first probes S_t at `probes` points of the path with forward passes
+    only (on the model's fast form; 2 shared CPU cores: ~0.7 s per image for 64 probes
+    beside ~4 s for 64 gradients, bench/ig_rules.py), then places the `steps` gradient
+    nodes where S_t bends (`adaptive_quadrature`). Completeness error at 64 steps and 64
+    probes, on every 25th shared image: 1/10 within 1%, median 1.7%, max 3.5%
+    (Gauss-Legendre: 1/10, 3.6%, 20.8%); on every 25th from the 13th (not used to choose
+    the rule): 5/10, median 0.95%, max 2.3% (Gauss-Legendre: 1/10, 5.4%, 15.1%). Fixed
+    nodes graded towards the baseline, alpha = ((k + 1/2) / 64)^2, gave 2/10, median 2.6%,
+    max 6.8% on the first sample. What is left looks like noise: the signed errors scatter
+    around 0, and the integrand's kinks below the probes' resolution move it by a few
+    percent of its size, which 64 gradients average only to ~1-3%. The error per image is
+    therefore measured and stored, not assumed.
 
     `rule="gausslegendre"` (or a Riemann rule) with baseline 0 is Captum's: the same nodes
     for every image in Captum's (step, image) order, so equal chunks give Captum's result to
