@@ -124,7 +124,8 @@ def test_adaptive_quadrature_crowds_nodes_into_a_spike():
     assert (weights > 0).all() and abs(edges[-1] - 1) < 1e-12
     assert np.allclose(nodes, (edges[:-1] + edges[1:]) / 2)
     gl_nodes, gl_weights = A.quadrature("gausslegendre", 64)
-    in_spike = lambda a: int(((a >= 0.005) & (a < 0.008)).sum())
+    def in_spike(a):
+        return int(((a >= 0.005) & (a < 0.008)).sum())
     assert in_spike(nodes) >= 10 and in_spike(gl_nodes) == 0
     exact = score(1.0)
     assert abs((weights * derivative(nodes)).sum() - exact) / exact < 0.005
