@@ -4,6 +4,8 @@ Forward over the same decoded images: plain eager, the folded form (BN + padding
 channels-last), the fused form (the default: conv + ReLU6 / residual add as one oneDNN call)
 and the compiled form (inductor with freezing; its compile time is the first batch's).
 Forward+backward (an input-gradient saliency pass): plain eager vs the folded and fused forms.
+Both again with engine/memory.py's malloc settings (what every shard task runs under), and
+the jobs' form against plain eager PyTorch with glibc's defaults.
 Variants run interleaved, several repeats, best of each, because other processes share
 the CPU. Then `neurocat catalog` end to end (the flow in process: scan, decode, forward,
 stats, patches, projections, report) on 250 and 1,000 files, against the plain eager forward
@@ -174,6 +176,18 @@ def main() -> None:
     print_race("forward (inference)", fwd)
     bwd = race(backward_steps(model), x, args.batch_size, args.repeats)
     print_race("forward + backward (input-gradient saliency)", bwd)
+
+    from engine.memory import tune_malloc
+
+    tune_malloc()  # process-wide from here on: what every shard task runs under (engine/memory.py)
+    tuned_fwd = race(forward_steps(model, False), x, args.batch_size, args.repeats)
+    print_race("forward, with neurocat's malloc settings (no page faults on activations)", tuned_fwd)
+    tuned_bwd = race(backward_steps(model), x, args.batch_size, args.repeats)
+    print_race("forward + backward, with neurocat's malloc settings", tuned_bwd)
+    eager = fwd["best"]["plain eager"], bwd["best"]["plain eager"]
+    print(f"\nthe jobs' form (fused, neurocat's malloc) vs plain eager PyTorch (glibc defaults): forward "
+          f"x{tuned_fwd['best']['fast, fused'] / eager[0]:.2f}, forward + backward "
+          f"x{tuned_bwd['best']['fast, fused (default)'] / eager[1]:.2f}")
 
     if args.e2e_copies:
         end_to_end(args, fwd["best"]["plain eager"])
