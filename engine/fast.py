@@ -44,8 +44,8 @@ compiles unless asked). 95% of the fused forward is inside oneDNN's convolutions
 expansions at 112x112 write 150 MB per batch, and into freshly mmapped memory (glibc's
 default for blocks that large) the page faults were 30-45% of the CPU time. Shard tasks
 therefore run with engine/memory.py's malloc settings (large blocks from the heap, reused
-batch after batch; free pages handed back when the shard ends): fused forward 83 -> 132
-images/s, plain eager's 31 -> 81 under the same settings.
+batch after batch; free pages handed back when the shard ends): fused forward 89 -> 134
+images/s, plain eager's 35 -> 93 under the same settings.
 
 Compilation is opt-in: the fused form is faster than or about as fast as the compiled one,
 costs no compile time, and its numerics never change within a run, so a killed and resumed

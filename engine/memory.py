@@ -15,9 +15,10 @@ Within a shard the opposite is wanted: a batch's activations (up to 150 MB at 11
 are freed and allocated again every batch, and when they are mmapped each batch touches
 fresh pages, so page faults were 30-45% of the CPU time of a forward pass. With mmap off
 and the heap's top kept (no trim on free), the same memory is reused batch after batch.
-Measured with bench/model_path.py on the 2-core VM (21:45-22:40 UTC): plain eager forward
-31 -> 81 images/s, the fused form 83 -> 132, forward+backward 41 -> 65 (fused); a
-250-image catalogue end to end 19-23 -> 16-18 s; the memory-flatness test still passes
+Measured with bench/model_path.py on the 2-core VM (22:32 UTC, quiet): forward, the fused
+form 89 -> 134 images/s and plain eager 35 -> 93 with these settings; forward+backward
+fused 52 -> 54, eager 19 -> 25. A 250-image catalogue end to end took 16-18 s instead of
+19-23 s (the same settings through GLIBC_TUNABLES); the memory-flatness test still passes
 (2,000 vs 250 images within 150 MB) since every shard ends with a trim. All no-ops off glibc.
 """
 
