@@ -134,9 +134,10 @@ def end_to_end(args, eager_fwd: float) -> None:
         catalog_end_to_end(args.data, args.batch_size, True, limit=args.batch_size)  # warm-up: Prefect, imports
         for copies in args.e2e_copies:
             data = args.data if copies == 1 else str(linked_copies(Path(args.data), copies, Path(work) / f"x{copies}"))
-            n = len(list_images(data))
+            paths = [Path(data) / e.path for e in list_images(data)]
+            n = len(paths)
             fast = catalog_end_to_end(data, args.batch_size, True)
-            loop = raw_loop(model, [Path(data) / e.path for e in list_images(data)], args.batch_size)
+            loop = raw_loop(model, paths, args.batch_size)
             print(f"\nneurocat catalog end to end, {n} files ({copies} name(s) per shared image; scan, decode, "
                   f"forward, stats, patches, projections, report)")
             print(f"  fast path (default)   {fast:7.1f} images/s  x{fast / eager_fwd:5.2f} of plain eager forward "

@@ -187,9 +187,8 @@ def project_units(model: LoadedModel, layer: str, images: np.ndarray, channels: 
             same = np.flatnonzero((shapes == shape).all(1))
             chunk = max(1, pixels // int(shape[0] * shape[1]))
             for part in (same[s:s + chunk] for s in range(0, len(same), chunk)):
-                r, (y0, x0) = rows[part], windows[part, :2].T
-                crops = np.stack([images[i, a:a + shape[0], b:b + shape[1]] for i, a, b in zip(r, y0, x0)])
-                offset = np.column_stack([y0, x0])
+                r, offset = rows[part], windows[part, :2]
+                crops = np.stack([images[i, a:a + shape[0], b:b + shape[1]] for i, (a, b) in zip(r, offset)])
                 out[r], values[part] = _project(model, um, name, crops, channels[r], yx[r] - offset // stride,
                                                 boxes[yx[r, 0], yx[r, 1]] - np.tile(offset, 2), size, rule)
         return values
