@@ -3,7 +3,7 @@
 Patches are the receptive-field box of a unit's argmax position, cropped from the
 preprocessed image and squared by padding on the side(s) where the box left the image (so a
 border patch keeps its scale and shape and shows where the image ended), then resampled to
-one size per layer. Cropping and resampling of many patches is one `roi_align` call.
+one size per layer: a whole-factor mean of pixels, what `roi_align` samples there (`extract_patches`).
 """
 
 from __future__ import annotations
@@ -43,21 +43,34 @@ def model_receptive_fields(model: LoadedModel) -> dict:
     return _RECEPTIVE_FIELDS[model]
 
 
-def patch_size(rf: RF, crop: int, smallest: int = 32, largest: int = 96) -> int:
-    """The side every patch of a layer is resampled to: its RF size, kept within [smallest, largest]."""
+def patch_geometry(rf: RF, crop: int, smallest: int = 32, largest: int = 112) -> tuple[int, int]:
+    """(box side, patch size) of a layer: the RF squared (at most the image), and the side its
+    patches are resampled to. A box wider than `largest` shrinks by a whole factor r, its side
+    grown by less than r pixels to r x size, so each patch pixel is the mean of r x r image
+    pixels, one pooling of the image for all its boxes (`extract_patches`)."""
     side = crop if rf.is_global else min(max(rf.size), crop)
-    return int(np.clip(side, smallest, largest))
+    if side <= largest:
+        return side, max(side, smallest)
+    r = -(-side // largest)
+    size = -(-side // r)
+    return r * size, size
+
+
+def patch_size(rf: RF, crop: int) -> int:
+    """The side every patch of a layer is resampled to (`patch_geometry`)."""
+    return patch_geometry(rf, crop)[1]
 
 
 def square_boxes(rf: RF, spatial: tuple[int, int], height: int, width: int) -> np.ndarray:
     """float [H', W', 4] (y0, x0, y1, x1) for every output position of a layer of shape `spatial`.
 
-    Every box of a layer is a square of side min(RF size, image size): `rf.box` (clipped to
-    the image), grown again on the side(s) where it was clipped. The grown part lies outside
-    the image and is filled grey by `crop_boxes`, so all patches of a layer share one scale.
+    Every box of a layer is a square of the side `patch_geometry` gives (the RF size, at most
+    the image's): `rf.box` (clipped to the image), grown again on the side(s) where it was
+    clipped. The grown part lies outside the image and is filled grey by `crop_boxes`, so
+    all patches of a layer share one scale.
     """
     h_out, w_out = spatial
-    side = max(height, width) if rf.is_global else min(max(rf.size), max(height, width))
+    side = patch_geometry(rf, max(height, width))[0]
     boxes = np.zeros((h_out, w_out, 4), np.float64)
     for y in range(h_out):  # H'·W' positions: a table, not a per-image loop
         for x in range(w_out):
@@ -100,28 +113,44 @@ def extract_patches(images: np.ndarray, rows: np.ndarray, yx: np.ndarray, boxes:
                     size: int) -> np.ndarray:
     """uint8 patches [M, size, size, 3] of units at positions yx [M, 2] in images[rows] (uint8 [N, H, W, 3]).
 
-    What `crop_boxes` gives, computed cheaply: boxes of exactly `size` whole pixels (a layer
-    whose receptive field is at most the largest patch size) are copied, which is what
-    `crop_boxes` samples for them, bit for bit; other boxes are resampled once per distinct
-    (image, box), since many units share an image's box when the field covers the image.
+    What `crop_boxes` gives, bit for bit, computed cheaply: for whole-pixel boxes of side
+    r x `size` (every box `square_boxes` makes for a field of at least `size`), roi_align's
+    r x r samples per patch pixel fall on pixel centres, so a patch is an r x r mean of
+    pixels: the image is pooled once per phase of the boxes and the patches are copied out
+    of it. Other boxes (fields smaller than the patch, upsampled) go through `crop_boxes`,
+    once per distinct (image, box).
     """
     box = boxes[yx[:, 0], yx[:, 1]]
     if len(box) == 0:
         return np.zeros((0, size, size, 3), np.uint8)
-    if np.array_equal(box, np.round(box)) and (box[:, 2:] - box[:, :2] == size).all():
-        return _copy_boxes(images, rows, box.astype(np.int64), size)
+    side = box[:, 2:] - box[:, :2]
+    if np.array_equal(box, np.round(box)) and (side == side[0, 0]).all() and side[0, 0] % size == 0:
+        return _pooled_boxes(images, rows, box.astype(np.int64), size, int(side[0, 0]) // size)
     distinct, inverse = np.unique(np.column_stack([rows, box]), axis=0, return_inverse=True)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
     return to_uint8_hwc(crop_boxes(x, distinct[:, 0].astype(np.int64), distinct[:, 1:], size))[inverse.ravel()]
 
 
-def _copy_boxes(images: np.ndarray, rows: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
-    """Whole-pixel boxes [M, 4] of side `size` copied from images[rows], PAD_GREY outside the image."""
+def _pooled_boxes(images: np.ndarray, rows: np.ndarray, box: np.ndarray, size: int, r: int) -> np.ndarray:
+    """Whole-pixel boxes [M, 4] of side r x `size` from images[rows] as r x r pixel means,
+    PAD_GREY outside the image (r = 1: copies)."""
     h, w = images.shape[1:3]
     margin = int(max(0, -box[:, :2].min(), (box[:, 2] - h).max(), (box[:, 3] - w).max()))
-    padded = np.pad(images, ((0, 0), (margin, margin), (margin, margin), (0, 0)), constant_values=int(PAD_GREY))
-    return np.stack([padded[r, y0 + margin:y0 + margin + size, x0 + margin:x0 + margin + size]
-                     for r, (y0, x0) in zip(rows, box[:, :2])])
+    y0, x0 = box[:, 0] + margin, box[:, 1] + margin
+    out = np.empty((len(rows), size, size, 3), np.uint8)
+    phases = np.column_stack([y0 % r, x0 % r])
+    for py, px in np.unique(phases, axis=0):
+        at = np.flatnonzero((phases == (py, px)).all(1))
+        used, which = np.unique(rows[at], return_inverse=True)
+        padded = np.pad(images[used], ((0, 0), (margin, margin), (margin, margin), (0, 0)),
+                        constant_values=int(PAD_GREY))[:, py:, px:]
+        if r > 1:
+            pooled = F.avg_pool2d(torch.from_numpy(padded).permute(0, 3, 1, 2).float(), r)
+            padded = to_uint8_hwc(pooled)
+        for m, k in zip(at, which.ravel()):
+            a, b = (y0[m] - py) // r, (x0[m] - px) // r
+            out[m] = padded[k, a:a + size, b:b + size]
+    return out
 
 
 def projection_windows(rf: RF, yx: np.ndarray, height: int, width: int) -> np.ndarray:

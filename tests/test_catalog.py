@@ -13,12 +13,13 @@ from PIL import Image
 from torchvision import transforms as T
 
 from conftest import neurocat_cmd
-from engine.catalog import project_units, projection_windows, square_boxes
+from engine.catalog import (crop_boxes, extract_patches, patch_geometry, project_units, projection_windows, square_boxes,
+                            to_uint8_hwc)
 from engine.errors import InputError
 from engine.fast import FastOptions, fast_module
 from engine.images import list_images
 from engine.inference import run_layers, run_model
-from engine.receptive_field import receptive_fields
+from engine.receptive_field import RF, receptive_fields
 from engine.truncate import UptoModel, upto_module
 from flows.catalog import ACTIVATION_IMAGES, JOB, activation_map_rows, catalog_flow
 from flows.common import RunOptions
@@ -240,3 +241,22 @@ def test_projection_windows_give_the_whole_image_projection(brute, model):
     assert all(p.std() > 0 for p in whole)
     off = expected + np.isin(np.arange(8), [2, 5])  # two units whose windows "miss": redone on the whole image
     assert np.array_equal(whole, project_units(model, layer, images, channels, yx, boxes, 83, rf=rf, expected=off))
+
+
+@pytest.mark.parametrize("layer", ["_blocks.5", "_blocks.10", "field 151"])
+def test_pooled_patches_equal_roi_align_bit_for_bit(brute, model, layer):
+    """`extract_patches` copies or pools the image once per box phase; `crop_boxes` (roi_align,
+    one call per box) is the reference, at every position of a field smaller than the patch
+    limit, one larger than the image, and one whose box grows to a multiple of the factor."""
+    rf = RF((151, 151), (8, 8), (-60, -60)) if layer == "field 151" else receptive_fields(model)[layer]
+    side, size = patch_geometry(rf, 224)
+    assert (side, size) == {"_blocks.5": (83, 83), "_blocks.10": (224, 112), "field 151": (152, 76)}[layer]
+    images = np.stack(brute["images"][:6])
+    boxes = square_boxes(rf, (14, 14), 224, 224)
+    grid = np.stack(np.meshgrid(np.arange(14), np.arange(14), indexing="ij"), -1).reshape(-1, 2)
+    yx, rows = np.repeat(grid, 6, 0), np.tile(np.arange(6), len(grid))
+    got = extract_patches(images, rows, yx, boxes, size)
+    box = boxes[yx[:, 0], yx[:, 1]]
+    want = to_uint8_hwc(crop_boxes(torch.from_numpy(images).permute(0, 3, 1, 2).float(), rows, box, size))
+    assert np.array_equal(got, want)
+    assert (box[:, 2:] - box[:, :2] == side).all() and (got == 128).all(-1).any()  # squared, grey borders
