@@ -47,7 +47,7 @@ def patch_geometry(rf: RF, crop: int, smallest: int = 32, largest: int = 112) ->
     """(box side, patch size) of a layer: the RF squared (at most the image), and the side its
     patches are resampled to. A box wider than `largest` shrinks by a whole factor r, its side
     grown by less than r pixels to r x size, so each patch pixel is the mean of r x r image
-    pixels, one pooling of the image for all its boxes (`extract_patches`)."""
+    pixels (`extract_patches`), not a resampling."""
     side = crop if rf.is_global else min(max(rf.size), crop)
     if side <= largest:
         return side, max(side, smallest)
@@ -116,9 +116,8 @@ def extract_patches(images: np.ndarray, rows: np.ndarray, yx: np.ndarray, boxes:
     What `crop_boxes` gives, bit for bit, computed cheaply: for whole-pixel boxes of side
     r x `size` (every box `square_boxes` makes for a field of at least `size`), roi_align's
     r x r samples per patch pixel fall on pixel centres, so a patch is an r x r mean of
-    pixels: the image is pooled once per phase of the boxes and the patches are copied out
-    of it. Other boxes (fields smaller than the patch, upsampled) go through `crop_boxes`,
-    once per distinct (image, box).
+    pixels, summed in integers (r = 1: a copy). Other boxes (fields smaller than the patch,
+    upsampled) go through `crop_boxes`, once per distinct (image, box).
     """
     box = boxes[yx[:, 0], yx[:, 1]]
     if len(box) == 0:
@@ -136,21 +135,23 @@ def _pooled_boxes(images: np.ndarray, rows: np.ndarray, box: np.ndarray, size: i
     PAD_GREY outside the image (r = 1: copies)."""
     h, w = images.shape[1:3]
     margin = int(max(0, -box[:, :2].min(), (box[:, 2] - h).max(), (box[:, 3] - w).max()))
-    y0, x0 = box[:, 0] + margin, box[:, 1] + margin
-    out = np.empty((len(rows), size, size, 3), np.uint8)
-    phases = np.column_stack([y0 % r, x0 % r])
-    for py, px in np.unique(phases, axis=0):
-        at = np.flatnonzero((phases == (py, px)).all(1))
-        used, which = np.unique(rows[at], return_inverse=True)
-        padded = np.pad(images[used], ((0, 0), (margin, margin), (margin, margin), (0, 0)),
-                        constant_values=int(PAD_GREY))[:, py:, px:]
-        if r > 1:
-            pooled = F.avg_pool2d(torch.from_numpy(padded).permute(0, 3, 1, 2).float(), r)
-            padded = to_uint8_hwc(pooled)
-        for m, k in zip(at, which.ravel()):
-            a, b = (y0[m] - py) // r, (x0[m] - px) // r
-            out[m] = padded[k, a:a + size, b:b + size]
-    return out
+    used, which = np.unique(rows, return_inverse=True)
+    padded = np.full((len(used), h + 2 * margin, w + 2 * margin, 3), int(PAD_GREY), np.uint8)
+    padded[:, margin:margin + h, margin:margin + w] = images[used]
+    side = r * size
+    windows = np.stack([padded[k, y:y + side, x:x + side] for k, y, x in zip(which.ravel(), *(box[:, :2] + margin).T)])
+    if r == 1:
+        return windows
+    x = torch.from_numpy(windows).view(len(rows), size, r, size, r, 3)
+    wide = torch.int16 if r * r * 255 < 2 ** 15 else torch.int32
+    rows_sum = x[:, :, 0].to(wide)
+    for dy in range(1, r):
+        rows_sum += x[:, :, dy]
+    total = rows_sum[:, :, :, 0].clone()
+    for dx in range(1, r):
+        total += rows_sum[:, :, :, dx]
+    # roi_align's mean of r x r integers, rounded as to_uint8_hwc rounds it (half to even)
+    return torch.round(total.float() / (r * r)).to(torch.uint8).numpy()
 
 
 def projection_windows(rf: RF, yx: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -48,6 +48,7 @@ lazy-loaded, so a report of 100,000 images stays a few hundred MB of small files
 
 from __future__ import annotations
 
+import base64
 import importlib
 import importlib.metadata
 import io
@@ -139,6 +140,11 @@ def relative_href(target: str, from_page: str) -> str:
     return posixpath.relpath(target, posixpath.dirname(from_page) or ".")
 
 
+def asset(root: str, ref: str) -> str:
+    """A picture's src on a page: a site file relative to the page's `root`, or a data URI as is."""
+    return ref if ref.startswith("data:") else root + ref
+
+
 def fmt(value: Any, nested: bool = False) -> str:
     """A parameter or fact as people read it: 0.7959, `a, b` for lists ([a, b] inside a
     mapping), `k=v, ...` for mappings, – for None."""
@@ -180,6 +186,7 @@ class Site:
         )
         self.env.filters["fmt"] = fmt
         self.env.filters["when"] = when
+        self.env.globals["asset"] = asset
         self.sections: list[Section] = []
         self.pages: list[str] = []
         self._manifest: pd.DataFrame | None = None
@@ -260,20 +267,30 @@ class Site:
         plt.close(fig)
         return rel
 
+    def inline_thumbnail(self, array: np.ndarray, max_side: int = 128) -> str:
+        """A small JPEG of an uint8 image as a data URI, for pictures only one page shows
+        (thousands of small files cost more to create than to encode)."""
+        data = self._encode(Image.fromarray(np.asarray(array)), "JPEG", max_side, quality=80)
+        return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+
     def _save(self, img: Image.Image, rel: str, max_side: int | None, quality: int = 88) -> str:
-        if max_side and max(img.size) > max_side:
-            img.thumbnail((max_side, max_side), Image.LANCZOS)
         path = self.out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         low = rel.lower()
         fmt = "JPEG" if low.endswith((".jpg", ".jpeg")) else ("WEBP" if low.endswith(".webp") else "PNG")
+        path.write_bytes(self._encode(img, fmt, max_side, quality))
+        return rel
+
+    @staticmethod
+    def _encode(img: Image.Image, fmt: str, max_side: int | None, quality: int) -> bytes:
+        if max_side and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.LANCZOS)
         if fmt == "JPEG" and img.mode not in ("RGB", "L"):
             img = img.convert("RGB")
         buf = io.BytesIO()
         # PNG at zlib's default level: optimize=True tripled the encode time for ~5% smaller files
         img.save(buf, fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
-        path.write_bytes(buf.getvalue())
-        return rel
+        return buf.getvalue()
 
     # ---- the dataset ----------------------------------------------------------------
     @property

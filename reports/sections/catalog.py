@@ -22,9 +22,10 @@ from reports.site import Section, SectionSkipped, Site
 PER_PAGE = 100
 UNIT_BLOCK = 64  # units whose images are read from the store at once
 UNIT_IMAGES = ("top_patch", "bottom_patch", "overlay", "projection", "featvis")
-# A unit page shows ~26 small pictures, so a catalogue of a few hundred units writes thousands:
-# JPEG encodes a 64-px patch in ~0.07 ms against WebP's ~0.8 ms (1.7 vs 0.9 KiB; both fill
-# one 4 KiB disk block), which made WebP most of the report's build time.
+# A unit page shows ~26 small pictures: as files, a catalogue of a few hundred units wrote
+# thousands, and creating them (~0.3 ms each) was most of the report's build time, so they
+# are JPEG data URIs in the page (JPEG encodes a 64-px patch in ~0.07 ms, WebP in ~0.8 ms).
+# Only the top-1 patch, which the unit lists show too, is a file.
 UNIT_IMAGE_EXT = ".jpg"
 ORDERS = {"unit": "unit", "selectivity": "class selectivity (high first)", "rate": "firing rate (high first)"}
 HIST_BARS = 48
@@ -106,8 +107,8 @@ def _unit_page(site: Site, L: _Layer, c: int, images: dict[str, np.ndarray], row
     st = L.stats
     lists = {}
 
-    def picture(name: str, rel: str) -> str | None:
-        return site.thumbnail(images[name], f"catalog/{L.slug}/{rel}", max_side=256) if name in images else None
+    def picture(name: str) -> str | None:
+        return site.inline_thumbnail(images[name], max_side=256) if name in images else None
 
     for which in ("top", "bottom"):
         values, index = L.lists[which]
@@ -116,7 +117,9 @@ def _unit_page(site: Site, L: _Layer, c: int, images: dict[str, np.ndarray], row
         for k, (v, i) in enumerate(zip(values[c], index[c])):
             if i < 0:
                 continue
-            items.append({"img": site.thumbnail(patches[k], f"catalog/{L.slug}/u{c}-{which}{k}{UNIT_IMAGE_EXT}"),
+            img = (site.thumbnail(patches[k], row["thumb"]) if (which, k) == ("top", 0)  # the unit lists' thumbnail
+                   else site.inline_thumbnail(patches[k]))
+            items.append({"img": img,
                           "path": paths[i], "label": _class_name(labels[i]), "score": float(v),
                           "rank": k + 1})
         lists[which] = items
@@ -127,7 +130,7 @@ def _unit_page(site: Site, L: _Layer, c: int, images: dict[str, np.ndarray], row
     facts = {"images": L.attrs.get("images"), "mean score": f"{st['mean'][c]:.4g}", "std": f"{st['std'][c]:.4g}",
              "min / max": f"{st['min'][c]:.4g} / {st['max'][c]:.4g}", "firing rate": f"{st['rate'][c]:.3f}",
              "class selectivity": f"{st['selectivity'][c]:.3f}" if np.isfinite(st["selectivity"][c]) else "–"}
-    featvis = None if c in L.featvis_dead else picture("featvis", f"u{c}-featvis{UNIT_IMAGE_EXT}")
+    featvis = None if c in L.featvis_dead else picture("featvis")
     site.render(
         "catalog_unit.html", f"catalog/{L.slug}/unit-{c}.html", title=f"{L.layer} unit {c}", layer=L.layer,
         unit=c, units=L.units, row=row, facts=facts, lists=lists,
@@ -135,8 +138,8 @@ def _unit_page(site: Site, L: _Layer, c: int, images: dict[str, np.ndarray], row
         hist=_histogram_bars(st["hist"][c], L.edges),
         top_classes=[{"name": _class_name(w), "wnid": w, "count": n} for w, n in tops[c]],
         class_means=[{"name": classes.names[k], "wnid": classes.wnids[k], "mean": float(class_mean[k])} for k in best],
-        overlay=picture("overlay", f"u{c}-overlay{UNIT_IMAGE_EXT}") if lists["top"] else None,
-        projection=picture("projection", f"u{c}-projection{UNIT_IMAGE_EXT}"),
+        overlay=picture("overlay") if lists["top"] else None,
+        projection=picture("projection"),
         projection_rule=L.projection_rule,
         featvis=featvis, featvis_state=("dead" if c in L.featvis_dead or row["dead"] else
                                         ("ok" if featvis else "not rendered")))
