@@ -107,7 +107,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             if w * h > MAX_PIXELS:
                 raise ImageError(f"decompression bomb guard: {w}x{h} pixels exceeds {MAX_PIXELS}")
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # upright without a copy of the pixels
             return _to_rgb(img)
     except ImageError:
         raise

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from badfiles import make_bad_folder, png_header_only
@@ -85,3 +85,19 @@ def test_listing_is_recursive_and_labels_folders(tmp_path, shared_images):
     assert entries["train/n01440764/a.jpg"].label == "n01440764" and entries["train/n01440764/a.jpg"].split == "train"
     assert entries["flat.jpg"].label is None
     assert entries["n02/sub/c.jpg"].label == "sub"
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(tmp_path, shared_images, orientation):
+    """A camera JPEG stored sideways with an EXIF Orientation tag decodes upright: the same
+    pixels as Pillow's own transpose of a plainly decoded copy."""
+    source = Image.open(next(shared_images.glob("*/*"))).convert("RGB").crop((0, 0, 120, 80))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.jpg"
+    source.save(path, exif=exif, quality=95)
+    upright = open_image(path)
+    with Image.open(path) as plain:
+        want = np.asarray(ImageOps.exif_transpose(plain.convert("RGB")))
+    assert upright.size == ((80, 120) if orientation in (6, 8) else (120, 80))
+    assert np.array_equal(np.asarray(upright), want)
