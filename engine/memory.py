@@ -8,8 +8,9 @@ threads (decode pools, task threads, torch and zarr helpers) arenas of their own
 per core. Over a run of many shards more arenas fill with memory that is free but kept,
 so the peak resident size grew with the number of images though nothing live did (a
 2,000-image catalogue 0.13-0.54 GB above a 250-image one; the Python-visible heap,
-tracemalloc, stayed at ~32 MB). Two arenas per process and handing free pages back when a
-shard task ends (`release_free_memory`) keep it flat.
+tracemalloc, stayed at ~32 MB). Two arenas per process keep it flat: what a shard frees,
+the next reuses; a shard task that ends with more than 1 GiB held free hands it back
+(`release_free_memory`).
 
 Within a shard the opposite is wanted: a batch's activations (up to 150 MB at 112x112)
 are freed and allocated again every batch, and when they are mmapped each batch touches
@@ -19,7 +20,7 @@ Measured with bench/model_path.py on the 2-core VM (22:32 UTC, quiet): forward, 
 form 89 -> 134 images/s and plain eager 35 -> 93 with these settings; forward+backward
 fused 52 -> 54, eager 19 -> 25. A 250-image catalogue end to end took 16-18 s instead of
 19-23 s (the same settings through GLIBC_TUNABLES); the memory-flatness test still passes
-(2,000 vs 250 images within 150 MB) since every shard ends with a trim. All no-ops off glibc.
+(2,000 vs 250 images within 150 MB). All no-ops off glibc.
 """
 
 from __future__ import annotations
@@ -51,8 +52,28 @@ def tune_malloc(arenas: int = ARENAS) -> bool:
                 and libc.mallopt(M_TRIM_THRESHOLD, KEEP_TOP))
 
 
-def release_free_memory() -> None:
-    """Give free pages of every arena back to the OS (`malloc_trim`); milliseconds."""
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def free_held() -> int | None:
+    """Bytes malloc holds free in its arenas (mallinfo2's fordblks), None off glibc >= 2.33."""
     libc = _glibc()
-    if libc:
+    info = getattr(libc, "mallinfo2", None) if libc else None
+    if info is None:
+        return None
+    info.restype = _Mallinfo2
+    return int(info().fordblks)
+
+
+def release_free_memory(keep: int = KEEP_TOP) -> None:
+    """Give free pages of every arena back to the OS (`malloc_trim`) once more than `keep`
+    bytes are held free. Trimming after every shard cost the next shard's first batches
+    their page faults again: 15% of a catalogue's statistics pass at 256 images a shard
+    (bench: 92-98 vs 111-113 images/s); what a shard frees is reused by the next one, and
+    the arenas are capped, so without the trim resident memory stays at the peak of one shard."""
+    libc = _glibc()
+    held = free_held()
+    if libc and (held is None or held > keep):
         libc.malloc_trim(0)

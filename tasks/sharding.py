@@ -17,9 +17,9 @@ def skip_if_done(fn=None, *, id_param: str = "shard"):
     Prefect retry may follow a write that did land; with this, such a rerun costs one
     marker read. The task takes `store_path`, `job`, `fp` and the shard id `id_param`.
 
-    A shard's buffers are all freed when it ends; the process then hands the free pages
-    back to the OS (with malloc tuned: engine/memory.py), so its resident size does not creep up
-    with every shard it runs.
+    A shard's buffers are all freed when it ends and the next shard reuses them (malloc
+    tuned: engine/memory.py), so its resident size does not creep up with every shard it
+    runs; more than 1 GiB held free is handed back to the OS.
     """
     if fn is None:
         return functools.partial(skip_if_done, id_param=id_param)
