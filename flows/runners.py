@@ -29,6 +29,7 @@ import yaml
 from engine.errors import InputError
 
 _active_resources: dict | None = None  # resources of the runner the current flow uses
+THREAD_WORKERS = 2  # tasks at a time on the threads runner: one decodes while another runs the model
 
 
 def _dask_runner(**kwargs):
@@ -70,7 +71,7 @@ def task_runner(spec: str = "threads", workers: int | None = None):
     if spec == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=workers or 2)
+        return ThreadPoolTaskRunner(max_workers=workers or THREAD_WORKERS)
     if spec == "dask":
         return _dask_runner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(workers))
     if spec == "dask-cuda":
@@ -92,6 +93,16 @@ def task_runner(spec: str = "threads", workers: int | None = None):
         return _dask_runner(cluster_class=profile["cluster_class"], cluster_kwargs=profile.get("cluster_kwargs", {}),
                             adapt_kwargs=profile.get("adapt_kwargs"))
     raise InputError(f"unknown runner {spec!r}: use threads, dask, dask-cuda, tcp://host:port or a profile .yaml")
+
+
+def default_task_runner():
+    """The job flows' own runner, what `--runner threads` gives: a flow called from Python
+    (a test, a notebook, a deployment of the flow itself) would otherwise get Prefect's
+    default thread pool, which has no bound and starts every shard task at once (10,000
+    files: 40 shards decoding together, each task waiting for the model's lock)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=THREAD_WORKERS)
 
 
 @contextlib.contextmanager

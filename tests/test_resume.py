@@ -73,3 +73,20 @@ def test_threads_and_dask_runners_agree(prefect_api, shared_images, tmp_path):
         predict_flow.with_options(task_runner=task_runner(runner))(opts)
         results[runner] = Store(opts.store).read("predict/logits")
     assert np.array_equal(results["threads"], results["dask"])
+
+
+def test_job_flows_called_from_python_run_as_many_tasks_at_once_as_the_cli():
+    """Prefect's default thread pool has no bound: a job flow called directly (tests, notebooks,
+    deployments of the flow itself) would start every shard task at once."""
+    import importlib
+
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.job import JOBS
+    from flows.runners import THREAD_WORKERS, task_runner
+
+    assert task_runner("threads")._max_workers == THREAD_WORKERS
+    for job, entry in JOBS.items():
+        module, name = entry.split(":")
+        runner = getattr(importlib.import_module(module), name).task_runner
+        assert isinstance(runner, ThreadPoolTaskRunner) and runner._max_workers == THREAD_WORKERS, job
