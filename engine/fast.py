@@ -278,8 +278,11 @@ class FusedConv(nn.Module):
         self.bias = None if conv.bias is None else conv.bias.detach().clone()
         self.attr, self.scalars = _onednn_activation(activation) or ("none", [])
         self.residual = residual
-        if self.attr == "relu" or (self.attr == "hardtanh" and self.scalars[0] == 0.0):
-            self.relu_rule: str | None = None  # a ReLU (or ReLU6) inside: backward rules apply
+        # a ReLU (or ReLU6: its ceiling) inside: backward rules apply
+        self.relu_like = self.attr == "relu" or (self.attr == "hardtanh" and self.scalars[0] == 0.0)
+        self.relu_ceiling = self.scalars[1] if self.relu_like and self.attr == "hardtanh" else None
+        if self.relu_like:
+            self.relu_rule: str | None = None
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (other is not None and other.requires_grad)):
@@ -294,12 +297,10 @@ class FusedConv(nn.Module):
 
     def input_gradient(self, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rule: str | None):
         """(d/dx, d/dother) from d/dy: through the activation (its mask from the output y), then the conv."""
-        if self.attr == "relu":
-            grad = relu_gradient(grad, y, None, rule)
+        if self.relu_like:
+            grad = relu_gradient(grad, y, self.relu_ceiling, rule)
         elif self.attr == "hardtanh":
-            lo, hi = self.scalars
-            grad = (relu_gradient(grad, y, hi, rule) if lo == 0.0
-                    else torch.ops.aten.hardtanh_backward(grad, y, lo, hi))
+            grad = torch.ops.aten.hardtanh_backward(grad, y, *self.scalars)
         grad_x = torch.ops.aten.convolution_backward(
             grad, x, self.weight, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups,
             [True, False, False])[0]
