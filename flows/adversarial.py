@@ -33,7 +33,7 @@ from engine.models import cached_model, imagenet_classes
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, scan_dataset, shard_fingerprint, shard_items, stage)
 from flows.report import publish_report
-from flows.runners import default_task_runner
+from flows.runners import threads_runner
 from storage.store import Store, fingerprint
 from tasks.adversarial import attack_shard, fit_universal
 
@@ -172,7 +172,7 @@ def run_adversarial(opts: RunOptions, store: Store, attack: str = "fgsm",
     return {"group": group, **summary}
 
 
-@flow(name="adversarial", log_prints=True, task_runner=default_task_runner())
+@flow(name="adversarial", log_prints=True, task_runner=threads_runner())
 def adversarial_flow(opts: RunOptions, attack: str = "fgsm",
                      eps_list: list[str | float] | str = ("1/255", "2/255", "4/255", "8/255"),
                      targeted: int | str | None = None, norm: str = "linf", steps: int | None = None,

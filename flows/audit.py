@@ -26,7 +26,7 @@ from flows.common import (RunOptions, map_shards, model_provenance, plan_shards,
                           resolve_paths, shard_fingerprint, shard_items, stage)
 from flows.features import run_features
 from flows.report import _artifact_key, publish_report
-from flows.runners import default_task_runner
+from flows.runners import threads_runner
 from storage.files import write_json
 from storage.store import Store, fingerprint
 from tasks.audit import CONTEXT_ARRAYS, calibration_copies, context_shard
@@ -330,7 +330,7 @@ def run_audit(opts: RunOptions, store: Store, metadata: str | None = None, previ
     return {"store": opts.store, "findings": str(findings_path), **counts, "gates": failed}
 
 
-@flow(name="audit", log_prints=True, task_runner=default_task_runner())
+@flow(name="audit", log_prints=True, task_runner=threads_runner())
 def audit_flow(opts: RunOptions, metadata: str | None = None, previous: str | None = None,
                fail_on: list[str] | None = None, settings: AuditSettings | None = None) -> dict:
     opts = resolve_paths(opts, JOB)

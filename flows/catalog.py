@@ -26,7 +26,7 @@ from engine.topk import ChannelStats
 from flows.common import (RunOptions, Shard, map_shards, plan_shards, record_failures, record_job, resolve_paths,
                           scan_dataset, shard_fingerprint, shard_items, stage)
 from flows.report import _artifact_key, publish_report
-from flows.runners import default_task_runner
+from flows.runners import threads_runner
 from storage.store import Store, fingerprint
 from tasks.catalog import (catalog_featvis, catalog_patches, catalog_shard, merge_catalog_states,
                            save_activation_maps, save_catalog, save_filter_grid)
@@ -221,7 +221,7 @@ def publish_catalog_artifacts(store_path: str, report_dir: str) -> None:
     create_link_artifact(atlas.resolve().as_uri(), link_text="neuron atlas", key=key + "-atlas")
 
 
-@flow(name="catalog", log_prints=True, task_runner=default_task_runner())
+@flow(name="catalog", log_prints=True, task_runner=threads_runner())
 def catalog_flow(opts: RunOptions, layers=DEFAULT_LAYERS, top_k: int = 16, bottom_k: int = 8, featvis_n: int = 0,
                  projections: int | None = None, projection_rule: str = "guided",
                  activation_images: int | list[str] = ACTIVATION_IMAGES) -> dict:

@@ -15,7 +15,7 @@ from flows.explain import run_explain
 from flows.predict import run_predict
 from flows.render import run_demo_renders
 from flows.report import publish_report
-from flows.runners import default_task_runner
+from flows.runners import threads_runner
 from storage.store import Store
 
 
@@ -26,7 +26,7 @@ def demo_data_path() -> Path:
     return Path(neurocat.__file__).with_name("demo_data")
 
 
-@flow(name="demo", log_prints=True, task_runner=default_task_runner())
+@flow(name="demo", log_prints=True, task_runner=threads_runner())
 def demo_flow(opts: RunOptions) -> dict:
     opts = resolve_paths(opts.model_copy(update={"data": opts.data or str(demo_data_path())}), "demo")
     store = Store(opts.store)

@@ -18,7 +18,7 @@ from flows.common import (RunOptions, Shard, map_shards, model_provenance, recor
                           shard_fingerprint, stage)
 from flows.features import run_features
 from flows.report import publish_report
-from flows.runners import default_task_runner
+from flows.runners import threads_runner
 from storage.store import Store
 from tasks.embed import PIXELS, embed_space
 
@@ -48,7 +48,7 @@ def run_embed(opts: RunOptions, store: Store, layer: str = "fc7", index: str = "
     return main
 
 
-@flow(name="embed", log_prints=True, task_runner=default_task_runner())
+@flow(name="embed", log_prints=True, task_runner=threads_runner())
 def embed_flow(opts: RunOptions, layer: str = "fc7", index: str = "auto", k: int = 10, metric: str = "cosine",
                perplexity: float = 30.0) -> dict:
     opts = resolve_paths(opts, JOB)

@@ -27,7 +27,7 @@ from engine.models import load_model
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, scan_dataset, shard_fingerprint, shard_items, stage)
 from flows.report import publish_report
-from flows.runners import default_task_runner
+from flows.runners import threads_runner
 from storage.store import Store, fingerprint
 from tasks.explain import INFO, explain_shard
 
@@ -141,7 +141,7 @@ def run_explain(opts: RunOptions, store: Store, methods: str | list[str], target
     return {"images": images, "methods": methods, "faithfulness": summary}
 
 
-@flow(name="explain", log_prints=True, task_runner=default_task_runner())
+@flow(name="explain", log_prints=True, task_runner=threads_runner())
 def explain_flow(opts: RunOptions, methods: str | list[str], target: str | int = "pred",
                  params: dict[str, dict] | None = None, steps: int = 10, segment_with: str | None = "auto",
                  max_images: int | None = None) -> dict:

@@ -11,7 +11,7 @@ from engine.models import imagenet_classes
 from flows.common import RunOptions, record_job, resolve_paths
 from flows.features import run_features
 from flows.report import publish_report
-from flows.runners import default_task_runner
+from flows.runners import threads_runner
 from storage.store import Store
 from storage.tables import predictions_table
 
@@ -28,7 +28,7 @@ def run_predict(opts: RunOptions, store: Store) -> pd.DataFrame:
     return table
 
 
-@flow(name="predict", log_prints=True, task_runner=default_task_runner())
+@flow(name="predict", log_prints=True, task_runner=threads_runner())
 def predict_flow(opts: RunOptions) -> dict:
     opts = resolve_paths(opts, JOB)
     store = Store(opts.store)

@@ -12,7 +12,7 @@ from prefect import flow
 
 from flows.common import RunOptions, record_job, resolve_paths, stage
 from flows.report import publish_report
-from flows.runners import default_task_runner
+from flows.runners import threads_runner
 from storage.store import Store
 from tasks.render import fast_style_apply_task, fast_style_train_task, render_task
 
@@ -47,7 +47,7 @@ def run_fast_style(opts: RunOptions, store: Store, name: str, styles: list[str],
     return {**trained, "images": len(apply_items), "rendered": rendered}
 
 
-@flow(name="render", log_prints=True, task_runner=default_task_runner())
+@flow(name="render", log_prints=True, task_runner=threads_runner())
 def render_flow(opts: RunOptions, kind: str, jobs: list[dict] | None = None, fast_style: dict | None = None) -> dict:
     opts = resolve_paths(opts, f"render-{kind}")
     store = Store(opts.store)

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.runners import default_task_runner
+from flows.runners import threads_runner
 from reports.compare import build_comparison
 from reports.site import Report, build_report
 from storage.store import Store
@@ -94,7 +94,7 @@ def publish_comparison(store_a: str, store_b: str, out_dir: str) -> Path:
     return report.index
 
 
-@flow(name="report", task_runner=default_task_runner())
+@flow(name="report", task_runner=threads_runner())
 def report_flow(store: str, out: str, compare: str | None = None) -> dict:
     if compare:
         index = publish_comparison(store, compare, out)

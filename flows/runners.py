@@ -69,9 +69,7 @@ def task_runner(spec: str = "threads", workers: int | None = None):
     global _active_resources
     _active_resources = None
     if spec == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner(max_workers=workers or THREAD_WORKERS)
+        return threads_runner(workers)
     if spec == "dask":
         return _dask_runner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(workers))
     if spec == "dask-cuda":
@@ -95,14 +93,14 @@ def task_runner(spec: str = "threads", workers: int | None = None):
     raise InputError(f"unknown runner {spec!r}: use threads, dask, dask-cuda, tcp://host:port or a profile .yaml")
 
 
-def default_task_runner():
-    """The job flows' own runner, what `--runner threads` gives: a flow called from Python
-    (a test, a notebook, a deployment of the flow itself) would otherwise get Prefect's
-    default thread pool, which has no bound and starts every shard task at once (10,000
-    files: 40 shards decoding together, each task waiting for the model's lock)."""
+def threads_runner(workers: int | None = None):
+    """`--runner threads`, and the job flows' own runner: a flow called from Python (a test,
+    a notebook, a deployment of the flow itself) would otherwise get Prefect's default
+    thread pool, which has no bound and starts every shard task at once (10,000 files: 40
+    shards decoding together, each task waiting for the model's lock)."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    return ThreadPoolTaskRunner(max_workers=THREAD_WORKERS)
+    return ThreadPoolTaskRunner(max_workers=workers or THREAD_WORKERS)
 
 
 @contextlib.contextmanager
