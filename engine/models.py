@@ -41,10 +41,9 @@ class Preprocessing:
         x = images_uint8
         if x.shape[-1] == 3 and x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)
-        x = x.float().div_(255.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return x.float().div_(255.0).sub_(mean).div_(std)  # in place: one float copy of the batch, not three
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of `normalize`, to [0, 1] float [B, 3, H, W]."""

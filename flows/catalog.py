@@ -34,7 +34,7 @@ from tasks.catalog import (catalog_featvis, catalog_patches, catalog_shard, merg
 JOB = "catalog"
 PATCH_JOB = "catalog-patches"
 DEFAULT_LAYERS = ("_blocks.5", "_blocks.10")
-SLOTS_PER_BLOCK = 2048  # patches per pass-2 task (bounds its memory and the images it decodes)
+BLOCK_BYTES = 256 << 20  # outputs of one pass-2 task (patches, overlays, projections): bounds its memory
 UNIT_CHUNK = 16  # units per chunk of the per-unit image arrays (patches, overlays, projections)
 OVERLAY_SIZE = 112
 FEATVIS_SIZE = 128
@@ -60,17 +60,26 @@ def reduce_tree(store_path: str, job: str, shard_ids: list[int], fan_in: int = 2
     return level[0]
 
 
-def channel_blocks(channels: dict[str, int], slots_per_channel: int) -> list[dict[str, tuple[int, int]]]:
-    """Split every layer's channels into the same number of blocks of about SLOTS_PER_BLOCK patches.
+def channel_blocks(channels: dict[str, int], unit_bytes: dict[str, int]) -> list[dict[str, tuple[int, int]]]:
+    """Split every layer's channels into the same number of blocks whose outputs take at most
+    about BLOCK_BYTES (`unit_bytes`: one unit's outputs in a layer).
 
-    Block sizes are multiples of UNIT_CHUNK, the chunking of the per-unit image arrays, so
-    no two blocks ever write to one chunk.
+    As few blocks as fit: a block decodes each image on its channels' lists once, and most
+    images are on lists of several layers (4,000 files, the default layers: 2,176 images
+    decoded by one block against 2,688 by two). Block sizes are multiples of UNIT_CHUNK, the
+    chunking of the per-unit image arrays, so no two blocks ever write to one chunk.
     """
-    n = max(1, ceil(max(c * slots_per_channel for c in channels.values()) / SLOTS_PER_BLOCK))
+    n = max(1, ceil(sum(c * unit_bytes[layer] for layer, c in channels.items()) / BLOCK_BYTES))
     size = {layer: UNIT_CHUNK * ceil(c / n / UNIT_CHUNK) for layer, c in channels.items()}
     blocks = [{layer: (min(j * size[layer], c), min((j + 1) * size[layer], c)) for layer, c in channels.items()}
               for j in range(n)]
     return [b for b in blocks if any(c1 > c0 for c0, c1 in b.values())]
+
+
+def unit_output_bytes(patch: int, slots: int, crop: int, projected: bool) -> int:
+    """Bytes a pass-2 task holds per unit: its patches and overlay, and for a projected unit
+    its top-1 image and projection (uint8 RGB)."""
+    return 3 * (slots * patch ** 2 + OVERLAY_SIZE ** 2 + (crop ** 2 + patch ** 2 if projected else 0))
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -127,10 +136,12 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
     rfs = model_receptive_fields(model)
     n_project = {layer: shapes[layer][0] if projections is None else min(projections, shapes[layer][0])
                  for layer in layers}
-    blocks = channel_blocks({layer: shapes[layer][0] for layer in layers}, top_k + bottom_k)
+    crop = model.preprocessing.crop
+    sizes = {layer: patch_size(rfs[layer], crop) for layer in layers}
+    blocks = channel_blocks({layer: shapes[layer][0] for layer in layers}, {
+        layer: unit_output_bytes(sizes[layer], top_k + bottom_k, crop, n_project[layer] > 0) for layer in layers})
     for layer in layers:
-        c = shapes[layer][0]
-        p = patch_size(rfs[layer], model.preprocessing.crop)
+        c, p = shapes[layer][0], sizes[layer]
         cb = UNIT_CHUNK
         base, a = f"catalog/{layer}", {**attrs, "layer": layer}
         for which, k in (("top", top_k), ("bottom", bottom_k)):

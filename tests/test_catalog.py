@@ -21,7 +21,8 @@ from engine.images import list_images
 from engine.inference import run_layers, run_model
 from engine.receptive_field import RF, receptive_fields
 from engine.truncate import UptoModel, upto_module
-from flows.catalog import ACTIVATION_IMAGES, JOB, activation_map_rows, catalog_flow
+from flows.catalog import (ACTIVATION_IMAGES, BLOCK_BYTES, JOB, UNIT_CHUNK, activation_map_rows, catalog_flow,
+                           channel_blocks, unit_output_bytes)
 from flows.common import RunOptions
 from storage.store import Store
 
@@ -150,8 +151,10 @@ def test_atlas_pages(catalog):
     assert "Catalogue" in (site / "index.html").read_text()
 
 
-def test_resumed_run_reloads_shard_states_and_ends_identical(catalog, shared_images):
+def test_resumed_run_reloads_shard_states_and_ends_identical(catalog, shared_images, monkeypatch):
+    """...and its patch pass, split into three blocks instead of one, writes the same patches."""
     tmp, result, store = catalog
+    monkeypatch.setattr("flows.catalog.BLOCK_BYTES", 16 << 20)  # 40 MB of outputs: 3 blocks
     copy = tmp / "resumed.zarr"
     shutil.copytree(result["store"], copy)
     markers = copy / "_shards" / JOB
@@ -162,8 +165,26 @@ def test_resumed_run_reloads_shard_states_and_ends_identical(catalog, shared_ima
             Store(copy).delete(name)
     again = run(tmp, "resumed", shared_images)
     assert (markers / "0.npz").stat().st_mtime_ns == stamp
+    assert len(list((copy / "_shards" / "catalog-patches").glob("*.json"))) == 3
     for name in ARRAYS:
         assert np.array_equal(store.read(name), Store(again["store"]).read(name), equal_nan=True), name
+
+
+def test_channel_blocks_cover_every_unit_once_within_the_byte_bound():
+    crop, slots = 224, 24
+    unit = {"_blocks.5": unit_output_bytes(83, slots, crop, True), "_blocks.10": unit_output_bytes(112, slots, crop, True),
+            "_conv_head": unit_output_bytes(112, slots, crop, False)}
+    channels = {"_blocks.5": 80, "_blocks.10": 112, "_conv_head": 1280}
+    assert len(channel_blocks({k: channels[k] for k in ("_blocks.5", "_blocks.10")}, unit)) == 1  # the defaults
+    blocks = channel_blocks(channels, unit)
+    assert len(blocks) == 6  # 1.3 GB of outputs, 256 MB a block
+    for layer, c in channels.items():
+        edges = [b[layer] for b in blocks]
+        assert edges[0][0] == 0 and edges[-1][1] == c
+        assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))  # contiguous, no unit twice
+        assert all(c0 % UNIT_CHUNK == 0 for c0, _ in edges)  # no two blocks write one chunk
+    slack = sum(UNIT_CHUNK * u for u in unit.values())  # block sizes round up to whole chunks
+    assert all(sum((c1 - c0) * unit[k] for k, (c0, c1) in b.items()) <= BLOCK_BYTES + slack for b in blocks)
 
 
 @pytest.mark.slow  # starts a LocalCluster whose worker loads the model: minutes on a busy 2-core machine
