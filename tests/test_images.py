@@ -15,12 +15,41 @@ TENCH = "n01440764/n01440764_tench.JPEG"
 
 
 def test_preprocessing_equals_torchvision(shared_images):
-    prep = Preprocessing()
+    """Every shared image that decodes, bit for bit; with the default `jpeg_draft` too, except
+    the JPEGs of at least 1024 px a side (decoded at a reduced scale: the next test)."""
+    prep, full = Preprocessing(), Preprocessing(jpeg_draft=False)
+    assert prep.jpeg_draft
     reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(prep.mean, prep.std)])
-    for path in sorted(shared_images.glob("*/*"))[:6]:
-        ours = prep.normalize(torch.from_numpy(load_preprocessed(path, prep))[None])[0]
+    compared = large = 0
+    for path in sorted(shared_images.glob("*/*")):
+        try:
+            ours = load_preprocessed(path, full)
+        except ImageError:
+            continue
         theirs = reference(Image.open(path).convert("RGB"))
-        assert torch.allclose(ours, theirs, atol=1e-6)
+        assert torch.allclose(prep.normalize(torch.from_numpy(ours)[None])[0], theirs, atol=1e-6), path
+        if min(Image.open(path).size) < 1024:
+            assert np.array_equal(load_preprocessed(path, prep), ours), path
+        else:
+            large += 1
+        compared += 1
+    assert compared >= 240 and large <= 2
+
+
+def test_large_jpeg_decodes_at_a_reduced_scale_close_to_the_full_decode(tmp_path, shared_images, model):
+    path = tmp_path / "photo.jpg"
+    Image.open(shared_images / TENCH).convert("RGB").resize((4032, 3024), Image.BICUBIC).save(path, quality=92)
+    assert open_image(path).size == (4032, 3024)
+    assert open_image(path, at_least=512).size == (1008, 756)  # 1/4: both sides stay >= 2 x 256
+    drafted = load_preprocessed(path, Preprocessing())
+    full = load_preprocessed(path, Preprocessing(jpeg_draft=False))
+    diff = np.abs(drafted.astype(int) - full)
+    assert 0 < diff.mean() < 0.5 and diff.max() <= 8
+    x = model.preprocessing.normalize(torch.from_numpy(np.stack([drafted, full])))
+    with torch.no_grad():
+        logits = model.module(x)
+    assert logits[0].argmax() == logits[1].argmax()
+    assert (logits[0] - logits[1]).abs().max() < 0.25  # measured 0.06
 
 
 def test_awkward_files(tmp_path, shared_images):
