@@ -77,7 +77,7 @@ def relu_backward_rule(module: nn.Module, rule: str) -> Iterator[nn.Module]:
             if is_relu and "forward" not in m.__dict__:
                 m.forward = (lambda x, _u=upper: _RuleReLU.apply(x, _u, rule))
                 patched.append(m)
-            elif getattr(m, "relu_rule", "") is None:  # a conv with its ReLU inside (engine.fast.FusedConv)
+            elif getattr(m, "relu_like", False):  # a conv with its ReLU inside (engine.fast.FusedConv)
                 m.relu_rule = rule
                 fused.append(m)
         yield module

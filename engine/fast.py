@@ -281,8 +281,7 @@ class FusedConv(nn.Module):
         # a ReLU (or ReLU6: its ceiling) inside: backward rules apply
         self.relu_like = self.attr == "relu" or (self.attr == "hardtanh" and self.scalars[0] == 0.0)
         self.relu_ceiling = self.scalars[1] if self.relu_like and self.attr == "hardtanh" else None
-        if self.relu_like:
-            self.relu_rule: str | None = None
+        self.relu_rule: str | None = None  # set by relu_backward_rule on a relu_like conv
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (other is not None and other.requires_grad)):
@@ -311,7 +310,7 @@ class _FusedConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, other, conv: FusedConv):
         y = conv.run(x, other)
-        ctx.conv, ctx.rule = conv, getattr(conv, "relu_rule", None)
+        ctx.conv, ctx.rule = conv, conv.relu_rule
         ctx.save_for_backward(x, y)
         return y
 
