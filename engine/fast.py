@@ -80,7 +80,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from engine.backprop_rules import relu_gradient
 from engine.hooks import capture
-from engine.models import LoadedModel
+from engine.models import LoadedModel, switched_off
 
 ENV = "NEUROCAT_FAST"
 CACHE_ENV = "NEUROCAT_COMPILE_CACHE"
@@ -106,7 +106,7 @@ class FastOptions:
     def from_env(cls, env: dict | None = None) -> FastOptions:
         """`NEUROCAT_FAST=0` turns everything off; `NEUROCAT_FAST_<OPTION>=0|1` sets one option."""
         env = os.environ if env is None else env
-        base = cls.off() if env.get(ENV, "1").strip().lower() in ("0", "false", "no", "off") else cls()
+        base = cls.off() if switched_off(env.get(ENV, "1")) else cls()
         changes = {}
         for f in fields(cls):
             value = env.get(f"{ENV}_{f.name.upper()}", "").strip().lower()

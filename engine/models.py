@@ -24,8 +24,13 @@ from engine.errors import InputError
 CLASSES_TSV = Path(__file__).with_name("imagenet_classes.tsv")
 
 
+def switched_off(value: str) -> bool:
+    """An environment flag's value that turns its feature off (0, false, no, off)."""
+    return value.strip().lower() in ("0", "false", "no", "off")
+
+
 def _jpeg_draft_default() -> bool:
-    return os.environ.get("NEUROCAT_JPEG_DRAFT", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not switched_off(os.environ.get("NEUROCAT_JPEG_DRAFT", "1"))
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,11 @@ class Preprocessing:
 
     `jpeg_draft`: a JPEG whose sides are both at least 4x `resize` is decoded at the
     smallest DCT scale (1/2, 1/4, 1/8) that keeps them at least 2x `resize` (what Pillow's
-    `thumbnail` does), then resized as any other image: a 12-megapixel photo decodes 5-6x
-    faster, within a few levels of the full decode (engine/images.py). Smaller images,
+    `thumbnail` does), then resized as any other image: a 12-megapixel photo decodes 4.4x
+    faster, within a few levels of the full decode (bench/decode.py). Smaller images,
     ImageNet's included, are untouched: torchvision's Resize + CenterCrop bit for bit.
-    `NEUROCAT_JPEG_DRAFT=0` (or False) always decodes at full resolution.
+    `jpeg_draft=False`, or `NEUROCAT_JPEG_DRAFT=0` in the environment of the process (read
+    when the registered models are built, at import), always decodes at full resolution.
     """
 
     resize: int = 256
