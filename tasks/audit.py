@@ -12,7 +12,7 @@ from prefect import task
 
 from engine import audit
 from engine.attribution import gradcam
-from engine.images import DecodedBatches, ImageError, open_image, resize_crop
+from engine.images import DecodedBatches, ImageError, open_for_model, resize_crop
 from engine.inference import pooled, run_model
 from engine.models import cached_model
 from storage.store import Store
@@ -25,14 +25,15 @@ CONTEXT_ARRAYS = ("p_full", "p_object", "p_context", "p_full_correct", "p_object
 def calibration_copies(store_path: str, items: list[tuple[int, str]], model: str, weights: str | None,
                        device: str, seed: int = 0) -> dict:
     """Similarity of each sample image to augmented copies of itself (the positives):
-    fc7 cosine and dHash similarity, one copy per augmentation kind."""
+    fc7 cosine and dHash similarity, one copy per augmentation kind. The copies are made
+    from the image as the forward pass decoded it (large JPEGs at a reduced scale)."""
     m = cached_model(model, weights, device)
     store = Store(store_path, mode="r")
     rng = np.random.default_rng(seed)
     crops, owners, kinds = [], [], []
     for index, path in items:
         try:
-            img = open_image(path)
+            img = open_for_model(path, m.preprocessing)  # decoded as its stored features were
         except ImageError:
             continue
         for kind in audit.AUGMENTATIONS:
