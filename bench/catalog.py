@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import SHARED_DATA  # also puts the repository on sys.path
 
 from neurocat.prefect_env import prefect_defaults  # noqa: E402
 
@@ -60,7 +58,7 @@ def linked_copies(data: Path, copies: int, into: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-250"))
+    ap.add_argument("--data", default=str(SHARED_DATA))
     ap.add_argument("--copies", type=int, default=4, help="names per image (1: the data as it is)")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--layer", default="_blocks.5")

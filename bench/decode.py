@@ -12,7 +12,6 @@ Usage: python bench/decode.py [--data DIR] [--images 24] [--sizes 4032x3024,1600
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import SHARED_DATA  # also puts the repository on sys.path
 
 from engine.images import ImageError, list_images, load_preprocessed, open_image  # noqa: E402
 from engine.models import Preprocessing  # noqa: E402
@@ -39,7 +37,7 @@ def images_per_second(paths: list[Path], prep: Preprocessing, repeats: int) -> f
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-250"))
+    ap.add_argument("--data", default=str(SHARED_DATA))
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--sizes", default="4032x3024,1600x1200,500x375")
     ap.add_argument("--repeats", type=int, default=3)

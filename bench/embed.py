@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common  # noqa: F401 - puts the repository on sys.path
 
 from engine import faiss_index as fx  # noqa: E402
 from engine.maps import TSNE_ITERATIONS, pca_2d, trustworthiness, tsne_map, tsne_neighbours  # noqa: E402

@@ -9,17 +9,15 @@ Usage: python bench/explain.py [--data DIR] [--limit N] [--batch-size B] [--repe
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import SHARED_DATA, model_inputs  # also puts the repository on sys.path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-250"))
+    ap.add_argument("--data", default=str(SHARED_DATA))
     ap.add_argument("--limit", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
@@ -33,13 +31,12 @@ def main() -> None:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from engine import attribution as A
-    from engine.images import list_images, load_preprocessed
+    from engine.images import list_images
     from engine.models import cached_model
 
     model = cached_model("efficientnet_lite0")
     paths = [Path(args.data) / e.path for e in list_images(args.data)][: args.limit]
-    images = torch.from_numpy(np.stack([load_preprocessed(p, model.preprocessing) for p in paths]))
-    x = model.preprocessing.normalize(images)
+    x = model_inputs(model, paths)
     with torch.no_grad():
         targets = model.module(x).argmax(1)
     batches = [(x[i:i + args.batch_size], targets[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)]

@@ -8,13 +8,11 @@ Usage: python bench/forward.py [--data DIR] [--limit N] [--batch-size B]
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import SHARED_DATA  # also puts the repository on sys.path
 
 from neurocat.prefect_env import prefect_defaults  # noqa: E402
 
@@ -39,7 +37,7 @@ def raw_loop(model, paths, batch_size):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-250"))
+    ap.add_argument("--data", default=str(SHARED_DATA))
     ap.add_argument("--limit", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()

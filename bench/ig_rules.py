@@ -11,17 +11,15 @@ Usage: python bench/ig_rules.py [--data DIR] [--every K] [--offset O] [--steps S
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import SHARED_DATA, model_inputs  # also puts the repository on sys.path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-250"))
+    ap.add_argument("--data", default=str(SHARED_DATA))
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--steps", type=int, default=64)
@@ -33,13 +31,12 @@ def main() -> None:
     import torch
 
     from engine import attribution as A
-    from engine.images import list_images, load_preprocessed
+    from engine.images import list_images
     from engine.models import cached_model
 
     model = cached_model("efficientnet_lite0")
     paths = [Path(args.data) / e.path for e in list_images(args.data)][args.offset::args.every]
-    x = model.preprocessing.normalize(torch.from_numpy(np.stack([load_preprocessed(p, model.preprocessing)
-                                                                 for p in paths])))
+    x = model_inputs(model, paths)
     with torch.no_grad():
         t = model.module(x).argmax(1)
     rules = {"gausslegendre": {}, "adaptive": {"probes": args.probes}}

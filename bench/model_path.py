@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import SHARED_DATA, model_inputs  # also puts the repository on sys.path
 
 from neurocat.prefect_env import prefect_defaults  # noqa: E402
 
@@ -156,7 +154,7 @@ def end_to_end(args, eager_fwd: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-250"))
+    ap.add_argument("--data", default=str(SHARED_DATA))
     ap.add_argument("--images", type=int, default=64, help="decoded images per forward/backward pass")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -166,17 +164,15 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled variants")
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from engine.fast import compile_cache_dir
-    from engine.images import list_images, load_preprocessed
+    from engine.images import list_images
     from engine.models import cached_model
 
     model = cached_model("efficientnet_lite0")
     entries = list_images(args.data)[: args.images]
-    x = model.preprocessing.normalize(torch.from_numpy(np.stack(
-        [load_preprocessed(Path(args.data) / e.path, model.preprocessing) for e in entries])))
+    x = model_inputs(model, [Path(args.data) / e.path for e in entries])
     print(f"images={len(x)} batch={args.batch_size} torch_threads={torch.get_num_threads()} "
           f"repeats={args.repeats} compile cache={compile_cache_dir()}")
 

@@ -9,12 +9,9 @@ Usage: python bench/render.py [--sizes 224,512] [--steps 3] [--threads N]
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import SHARED_DATA  # also puts the repository on sys.path
 
 
 def per_iteration(fn, steps: int, repeats: int = 2) -> float:
@@ -55,7 +52,7 @@ def main() -> None:
     from engine.style import StyleOptions, TextureOptions, fit_size, style_transfer, synthesize_texture
 
     m = cached_model()
-    data = ROOT.parent / "shared" / "data" / "imagenet-sample-250"
+    data = SHARED_DATA
     photo = np.asarray(open_image(data / "n02112137" / "n02112137_chow.JPEG"))
     style = np.asarray(open_image(data / "n02391049" / "n02391049_zebra.JPEG"))
     print(f"torch threads: {torch.get_num_threads()}, steps per measure: {args.steps}")

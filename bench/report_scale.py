@@ -20,17 +20,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import SHARED_DATA  # also puts the repository on sys.path
 
 from reports.site import Site, build_report  # noqa: E402
 from storage.store import Store  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data" / "imagenet-sample-250"
 
 
 def synthetic_store(path: Path, n: int, rng: np.random.Generator) -> Store:
-    files = sorted(SHARED.rglob("*.JPEG"))
+    files = sorted(SHARED_DATA.rglob("*.JPEG"))
     base = np.stack([np.asarray(Image.open(f).convert("RGB").resize((64, 64))) for f in files])
     store = Store(path)
     labels = [f.parent.name for f in files]

@@ -12,13 +12,10 @@ Usage: python bench/scale.py [--data DIR] [--limit N]
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import SHARED_DATA  # also puts the repository on sys.path
 
 from neurocat.prefect_env import prefect_defaults  # noqa: E402
 
@@ -42,7 +39,7 @@ def many_noops(n: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenet-sample-250"))
+    ap.add_argument("--data", default=str(SHARED_DATA))
     ap.add_argument("--limit", type=int, default=250)
     ap.add_argument("--tasks", type=int, default=60)
     args = ap.parse_args()

@@ -1,0 +1,25 @@
+"""What the benchmarks share: the repository on sys.path, the shared images, their model inputs.
+
+Each benchmark runs as a script (`python bench/NAME.py`), so this module is found beside it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample-250"
+
+
+def model_inputs(model, paths):
+    """The normalised model input of `paths`, decoded as the jobs decode them: float [N, 3, H, W]."""
+    import numpy as np
+    import torch
+
+    from engine.images import load_preprocessed
+
+    images = np.stack([load_preprocessed(p, model.preprocessing) for p in paths])
+    return model.preprocessing.normalize(torch.from_numpy(images))
