@@ -46,8 +46,12 @@ def test_rerun_skips_finished_shards(prefect_api, shared_images, tmp_path):
     predict_flow(opts)
     marker = tmp_path / "r.zarr" / "_shards" / "features" / "0.json"
     stamp = marker.stat().st_mtime_ns
+    forward = Store(opts.store).attrs()["timings"]["features"]["forward"]
+    assert forward > 0.05  # two shards of 8 images through the model
     predict_flow(opts)
     assert marker.stat().st_mtime_ns == stamp
+    # the report keeps the time of the run that did the work, not the rerun's ~0 s
+    assert Store(opts.store).attrs()["timings"]["features"]["forward"] == forward
 
 
 def test_second_writer_is_refused(tmp_path):
