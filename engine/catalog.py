@@ -402,7 +402,8 @@ def catalog_arrays(state: ChannelStats) -> dict[str, tuple[np.ndarray, dict]]:
         "stats/std": (std.astype(np.float32), {"what": "standard deviation of the score (population)"}),
         "stats/min": (state.min, {"what": "lowest score"}),
         "stats/max": (state.max, {"what": "highest score = highest activation"}),
-        "stats/rate": (rate.astype(np.float32), {"what": "firing rate: fraction of images with score > 0"}),
+        "stats/rate": (rate.astype(np.float32), {
+            "what": "firing rate: fraction of the activations (every position of every image) above 0"}),
         "stats/dead": (dead_units(state.max, rate), {"what": "never fires on this dataset (max <= 0)"}),
         "stats/quantiles": (state.quantiles().astype(np.float32),
                             {"levels": list(QUANTILE_LEVELS), "what": "score quantiles from the histogram"}),

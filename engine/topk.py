@@ -4,8 +4,8 @@ The score of image i for channel c is the maximum over spatial positions of the 
 output (DESIGN.md, "Top-K semantics"). `ChannelStats` keeps, per channel:
   top-K / bottom-K scores with image index and argmax position (best first, ties to the
   lower image index), the activation map of the current top-1 image, count, mean and
-  variance of the score (merged with Chan's parallel formula), min, max, how many images
-  fire (score > 0), a log-spaced histogram of the score (a quantile sketch that merges
+  variance of the score (merged with Chan's parallel formula), min, max, how many of its
+  activations (every position of every image) are above 0, a log-spaced histogram of the score (a quantile sketch that merges
   exactly: counts add) and per-class sums of the score (class means for selectivity).
 Everything is O(C·(K + bins + classes + H·W)), whatever the number of images, and merging
 two states gives the state of the concatenated streams, in any order or tree: top-K, counts,
@@ -24,6 +24,7 @@ import torch
 LOG_RANGE = (-4, 3)
 BINS_PER_DECADE = 32
 QUANTILE_LEVELS = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+STATE_FORMAT = 2  # part of every catalogue shard's fingerprint: a state saved in an older format is computed again
 
 
 def histogram_edges() -> np.ndarray:
@@ -61,7 +62,7 @@ class ChannelStats:
     m2: np.ndarray  # float64 [C] sum of squared deviations of the score
     min: np.ndarray  # float32 [C]
     max: np.ndarray  # float32 [C]
-    fires: np.ndarray  # int64 [C] images with score > 0
+    positive: np.ndarray  # int64 [C] activations (positions x images) above 0
     hist: np.ndarray  # int64 [C, N_BINS]
     class_sum: np.ndarray  # float64 [n_classes, C] sum of scores of each class's images
     class_count: np.ndarray  # int64 [n_classes]
@@ -78,7 +79,7 @@ class ChannelStats:
             top1_map=np.zeros((c, *spatial), np.float32), count=np.zeros((), np.int64),
             mean=np.zeros(c, np.float64), m2=np.zeros(c, np.float64),
             min=np.full(c, np.inf, np.float32), max=np.full(c, -np.inf, np.float32),
-            fires=np.zeros(c, np.int64), hist=np.zeros((c, N_BINS), np.int64),
+            positive=np.zeros(c, np.int64), hist=np.zeros((c, N_BINS), np.int64),
             class_sum=np.zeros((n_classes, c), np.float64), class_count=np.zeros(n_classes, np.int64),
         )
 
@@ -119,7 +120,7 @@ class ChannelStats:
             bottom_yx=yx, top1_map=flat.transpose(1, 0, 2), count=np.array(b, np.int64),
             mean=score.mean(0, dtype=np.float64),
             m2=((score - score.mean(0, dtype=np.float64)) ** 2).sum(0), min=score.min(0), max=score.max(0),
-            fires=(score > 0).sum(0).astype(np.int64), hist=_histogram(score),
+            positive=np.count_nonzero(flat > 0, axis=(0, 2)).astype(np.int64), hist=_histogram(score),
             class_sum=_class_sums(score, labels, self.class_sum.shape[0]),
             class_count=np.bincount(labels[labels >= 0], minlength=self.class_count.shape[0]).astype(np.int64),
         )
@@ -159,7 +160,7 @@ class ChannelStats:
         self.count = np.array(n, np.int64)
         self.min = np.minimum(self.min, o.min)
         self.max = np.maximum(self.max, o.max)
-        self.fires = self.fires + o.fires
+        self.positive = self.positive + o.positive
         self.hist = self.hist + o.hist
         self.class_sum = self.class_sum + o.class_sum
         self.class_count = self.class_count + o.class_count
@@ -173,8 +174,11 @@ class ChannelStats:
 
     @property
     def rate(self) -> np.ndarray:
-        """Firing rate: the fraction of images whose score (spatial max) is > 0."""
-        return self.fires / self.count if self.count else np.full(self.channels, np.nan)
+        """Firing rate: the fraction of the unit's activations, over every position of every
+        image, above 0. (The fraction of images whose score is above 0 is ~1 for nearly every
+        unit of a convolutional layer: some position of every image excites it.)"""
+        positions = int(self.count) * int(np.prod(self.spatial))
+        return self.positive / positions if positions else np.full(self.channels, np.nan)
 
     def class_means(self) -> np.ndarray:
         """[C, n_classes] mean score per class; NaN for classes with no image."""

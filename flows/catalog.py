@@ -22,7 +22,7 @@ from engine.catalog import activation_shapes, model_receptive_fields, patch_size
 from engine.errors import InputError
 from engine.images import label_index
 from engine.models import cached_model
-from engine.topk import ChannelStats
+from engine.topk import STATE_FORMAT, ChannelStats
 from flows.common import (RunOptions, Shard, map_shards, plan_shards, record_failures, record_job, resolve_paths,
                           scan_dataset, shard_fingerprint, shard_items, stage)
 from flows.report import _artifact_key, publish_report
@@ -109,7 +109,7 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
     shapes = activation_shapes(model, layers)
     classes = [label_index(lbl, model.classes.index_of) for lbl in manifest["label"]]
     shards = plan_shards(len(manifest), opts.shard_size)
-    fps = [shard_fingerprint(JOB, manifest, s, prov, layers, top_k, bottom_k) for s in shards]
+    fps = [shard_fingerprint(JOB, manifest, s, prov, layers, top_k, bottom_k, STATE_FORMAT) for s in shards]
 
     def shard_kwargs(s: Shard) -> dict:
         items = shard_items(manifest, opts.data, s)

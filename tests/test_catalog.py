@@ -100,7 +100,11 @@ def test_top_and_bottom_k_equal_brute_force(catalog, brute):
         assert np.allclose(values, np.take_along_axis(score.T, top, 1), rtol=1e-4, atol=1e-4)
         assert np.allclose(store.read(f"catalog/{layer}/stats/mean"), score.mean(0), rtol=1e-4, atol=1e-4)
         assert np.allclose(store.read(f"catalog/{layer}/stats/max"), score.max(0), rtol=1e-4, atol=1e-4)
-        assert np.array_equal(store.read(f"catalog/{layer}/stats/rate"), (score > 0).mean(0).astype(np.float32))
+        # firing rate over every position of every image (eager and fast forms may round a
+        # value near 0 differently: a few activations of ~10^6 per unit)
+        rate = store.read(f"catalog/{layer}/stats/rate")
+        assert np.allclose(rate, (brute["maps"][layer] > 0).mean(axis=(0, 2, 3)), rtol=0, atol=1e-4)
+        assert rate.min() < 0.9  # unlike the fraction of images with score > 0, which is 1 for most units
         # the argmax position is the brute-force map's argmax
         yx = store.read(f"catalog/{layer}/top_yx")
         maps = brute["maps"][layer]
