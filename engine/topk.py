@@ -5,8 +5,9 @@ output (DESIGN.md, "Top-K semantics"). `ChannelStats` keeps, per channel:
   top-K / bottom-K scores with image index and argmax position (best first, ties to the
   lower image index), the activation map of the current top-1 image, count, mean and
   variance of the score (merged with Chan's parallel formula), min, max, how many of its
-  activations (every position of every image) are above 0, a log-spaced histogram of the score (a quantile sketch that merges
-  exactly: counts add) and per-class sums of the score (class means for selectivity).
+  activations (every position of every image) are above 0, a log-spaced histogram of the
+  score (a quantile sketch that merges exactly: counts add) and per-class sums of the score
+  (class means for selectivity).
 Everything is O(C·(K + bins + classes + H·W)), whatever the number of images, and merging
 two states gives the state of the concatenated streams, in any order or tree: top-K, counts,
 histogram and extremes exactly, means and variances up to float64 rounding.
