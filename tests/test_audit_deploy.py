@@ -34,10 +34,11 @@ def test_prefect_yaml_declares_a_scheduled_audit():
 @pytest.mark.slow
 def test_audit_deployment_runs_through_a_process_worker(prefect_api, demo_data, tmp_path):
     env = cli_env(prefect_api)
-    prefect(["work-pool", "create", "neurocat-process", "--type", "process", "--overwrite"], env)
+    for pool in ("neurocat-process", "neurocat-gpu"):  # the steps prefect.yaml's header gives
+        prefect(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
     prefect(["--no-prompt", "deploy", "--all"], env)
     listed = prefect(["deployment", "ls"], env).stdout
-    for name in ("audit/audit-weekly", "predict/predict", "demo/demo"):
+    for name in ("audit/audit-weekly", "predict/predict", "demo/demo", "neurocat-job/catalog-gpu", "neurocat-job/embed-gpu"):
         assert name in listed, listed
     params = {"opts": {"data": str(demo_data), "store": str(tmp_path / "a.zarr"), "report": str(tmp_path / "r"),
                        "limit": 12, "batch_size": 12},
