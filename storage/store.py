@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -49,6 +50,11 @@ def fingerprint(*parts: Any) -> str:
     """A stable hash of JSON-serialisable inputs (shard rows, model hash, params, code version)."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def natural_key(name: str) -> list:
+    """Sort key comparing runs of digits as numbers: layer3 < layer10, features.2 < features.10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -162,12 +168,13 @@ class Store:
             del self.root[name]
 
     def groups(self, name: str = "") -> list[str]:
+        """Child groups in natural order: `_blocks.5` before `_blocks.10`, so layers come in network order."""
         node = self.root if not name else self.root[name]
-        return sorted(k for k, v in node.members() if isinstance(v, zarr.Group))
+        return sorted((k for k, v in node.members() if isinstance(v, zarr.Group)), key=natural_key)
 
     def arrays(self, name: str = "") -> list[str]:
         node = self.root if not name else self.root[name]
-        return sorted(k for k, v in node.members() if isinstance(v, zarr.Array))
+        return sorted((k for k, v in node.members() if isinstance(v, zarr.Array)), key=natural_key)
 
     # ---- manifest -----------------------------------------------------------------
     @property
