@@ -37,7 +37,7 @@ def test_saliency_equals_captum(model, batch):
 
     _, x, t = batch
     ours = A.saliency(model, x, t)
-    ref = Saliency(model.module).attribute(x.clone(), target=t, abs=True).amax(1)
+    ref = Saliency(model.module).attribute(x.clone().requires_grad_(True), target=t, abs=True).amax(1)
     assert ours.shape == (2, 224, 224)
     assert rel_err(ours, ref) < 1e-4
     # the fast form (folded batch norm) is the same map up to folding's rounding
