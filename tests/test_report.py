@@ -430,3 +430,17 @@ def test_every_run_publishes_summary_table_and_link_artifacts(prefect_api, predi
     link = by_key[key + "-link"]
     # Prefect stores a link artifact as markdown: [text](url)
     assert link.data == f"[HTML report]({(predict_run['report'] / 'index.html').resolve().as_uri()})"
+
+
+def test_faithfulness_table_bolds_every_method_tied_for_best():
+    """CAM and Grad-CAM at a GAP net's last conv give the same map, so the same scores up
+    to float noise: both are the best, as the 3-decimal table shows them."""
+    from reports.sections.explain import faithfulness_rows
+
+    attrs = {"better": {"deletion": "lower", "insertion": "higher"},
+             "faithfulness": {"gradcam": {"deletion": 0.2021, "insertion": 0.70},
+                              "cam": {"deletion": 0.20209999, "insertion": 0.69},
+                              "saliency": {"deletion": 0.30, "insertion": 0.64},
+                              "random": {"deletion": 0.10, "insertion": 0.90}}}
+    best = {r["method"]: r["best"] for r in faithfulness_rows(attrs, ["saliency", "gradcam", "cam"])}
+    assert best == {"saliency": [], "gradcam": ["deletion", "insertion"], "cam": ["deletion"], "random": []}

@@ -54,13 +54,14 @@ def faithfulness_rows(attrs: dict, methods: list[str]) -> list[dict]:
                     lower = better.get(k) == "lower"
                     row["wins"] += int(facts[k] < reference[k] if lower else facts[k] > reference[k])
         rows.append(row)
-    best = {}
+    best = {}  # the best score of each column, as shown (3 decimals): ties are all bold
     for k in SCORE_LABELS:
-        vals = [(r["scores"][k], r["method"]) for r in rows if r["scores"][k] is not None and r["method"] != "random"]
+        vals = [round(r["scores"][k], 3) for r in rows if r["scores"][k] is not None and r["method"] != "random"]
         if vals:
-            best[k] = (min if better.get(k) == "lower" else max)(vals)[1]
+            best[k] = (min if better.get(k) == "lower" else max)(vals)
     for r in rows:
-        r["best"] = [k for k in SCORE_LABELS if best.get(k) == r["method"]]
+        r["best"] = [k for k in SCORE_LABELS if r["method"] != "random" and r["scores"][k] is not None
+                     and round(r["scores"][k], 3) == best.get(k)]
     return rows
 
 
