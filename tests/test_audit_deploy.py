@@ -38,7 +38,8 @@ def test_audit_deployment_runs_through_a_process_worker(prefect_api, demo_data, 
         prefect(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
     prefect(["--no-prompt", "deploy", "--all"], env)
     listed = prefect(["deployment", "ls"], env).stdout
-    for name in ("audit/audit-weekly", "predict/predict", "demo/demo", "neurocat-job/catalog-gpu", "neurocat-job/embed-gpu"):
+    for name in ("audit/audit-weekly", "predict/predict", "demo/demo",
+                 "neurocat-job/catalog-gpu", "neurocat-job/embed-gpu"):
         assert name in listed, listed
     params = {"opts": {"data": str(demo_data), "store": str(tmp_path / "a.zarr"), "report": str(tmp_path / "r"),
                        "limit": 12, "batch_size": 12},
