@@ -53,8 +53,12 @@ def fingerprint(*parts: Any) -> str:
 
 
 def natural_key(name: str) -> list:
-    """Sort key comparing runs of digits as numbers: layer3 < layer10, features.2 < features.10."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+    """Sort key comparing runs of digits as numbers: layer3 < layer10, features.2 < features.10.
+
+    A run compares by its length without leading zeros, then its digits: numeric order without
+    int(), which refuses runs of over 4,300 digits (a hostile name must still sort)."""
+    return [(0, len(part.lstrip("0")), part.lstrip("0"), part) if part.isdigit() else (1, 0, part, "")
+            for part in re.split(r"(\d+)", name) if part]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
