@@ -120,7 +120,10 @@ def test_tsne_map_matches_scikit_learn_and_beats_pca(embedded):
     reference = TSNE(perplexity=30.0, init="pca", random_state=0).fit_transform(fx.prepare(space, "cosine"))
     assert trust_tsne >= trustworthiness(space, reference, n_neighbors=10, metric="cosine") - 0.02
     assert trust_tsne > trustworthiness(space, pca, n_neighbors=10, metric="cosine") + 0.05
-    assert store.attrs("embed/fc7")["trust_tsne"] == pytest.approx(trust_tsne, abs=1e-6)
+    # the job ranks euclidean distances of float32 unit vectors, this cosine distances: a near
+    # tie may swap, and one swapped rank moves the score by 2 / (n k (2n - 3k - 1)) = 1.7e-6
+    n = len(rows)
+    assert store.attrs("embed/fc7")["trust_tsne"] == pytest.approx(trust_tsne, abs=3 * 2 / (n * 10 * (2 * n - 31)))
     grid = store.read("embed/fc7/grid")
     assert sorted(grid[grid >= 0].tolist()) == rows.tolist()  # every image in exactly one cell
 
