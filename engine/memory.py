@@ -8,7 +8,7 @@ threads (decode pools, task threads, torch and zarr helpers) arenas of their own
 per core. Over a run of many shards more arenas fill with memory that is free but kept,
 so the peak resident size grew with the number of images though nothing live did (a
 2,000-image catalogue 0.13-0.54 GB above a 250-image one; the Python-visible heap,
-tracemalloc, stayed at ~32 MB). Two arenas per process keep it flat: what a shard frees,
+tracemalloc, stayed at ~32 MB). One arena per process keeps it flat: what a shard frees,
 the next reuses; a shard task that ends with more than 1 GiB held free hands it back
 (`release_free_memory`).
 
@@ -18,9 +18,20 @@ fresh pages, so page faults were 30-45% of the CPU time of a forward pass. With 
 and the heap's top kept (no trim on free), the same memory is reused batch after batch.
 Measured with bench/model_path.py on the 2-core VM (22:32 UTC, quiet): forward, the fused
 form 89 -> 134 images/s and plain eager 35 -> 93 with these settings; forward+backward
-fused 52 -> 54, eager 19 -> 25. A 250-image catalogue end to end took 16-18 s instead of
-19-23 s (the same settings through GLIBC_TUNABLES); the memory-flatness test still passes
-(2,000 vs 250 images within 150 MB). All no-ops off glibc.
+fused 52 -> 54, eager 19 -> 25.
+
+That reuse needs the main arena (the brk heap): a thread arena's heaps are at most 64 MiB,
+so a larger block (a batch of 32 at 112x112: 154 MB) is mapped afresh in any thread that
+has one, M_MMAP_MAX or not. Shard tasks run on task-runner threads, so the arena cap is 1
+and must be in place before those threads first allocate: `tune_malloc` runs when the CLI
+starts and when `flows` is imported, and Dask workers and deployments start with
+MALLOC_ARENA_MAX=1 in their environment (`MALLOC_ENV`). Measured on the 2-core VM
+(2026-12-03): the catalogue's statistics loop on a thread, 1,024 files, 2.7-3.1 M page
+faults and 61-65 images/s with two arenas, 9 k and 89-90 with one; the pass-1 forward on a
+thread of a fresh process ~120 k faults per batch untuned, ~38 k once `flows` is imported
+(tests/test_memory.py); a 4,000-file catalogue in process, statistics pass 56-61 s (7 runs)
+before, 52.9-53.4 s with the cap set on import, 47.3-50.0 s with it set before any import.
+All no-ops off glibc.
 """
 
 from __future__ import annotations
@@ -29,7 +40,8 @@ import ctypes
 import functools
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt parameters (malloc.h)
-ARENAS = 2  # one for the thread running the model, one shared by the decode threads
+ARENAS = 1  # the main arena: the only one whose heap can keep blocks over 64 MiB
+MALLOC_ENV = {"MALLOC_ARENA_MAX": str(ARENAS)}  # for processes we start: in place before any thread
 KEEP_TOP = 1 << 30  # free memory at the heap's top kept up to this much (released per shard instead)
 
 
@@ -45,8 +57,9 @@ def _glibc() -> ctypes.CDLL | None:
 
 @functools.cache
 def tune_malloc(arenas: int = ARENAS) -> bool:
-    """Cap the arenas (existing ones stay, no more are made), serve large blocks from the heap
-    instead of fresh mappings and keep its top when freed. Once per process."""
+    """Cap the arenas (existing ones stay and keep their threads, no more are made), serve
+    large blocks from the heap instead of fresh mappings and keep its top when freed. Once
+    per process, as early as possible."""
     libc = _glibc()
     return bool(libc and libc.mallopt(M_ARENA_MAX, arenas) and libc.mallopt(M_MMAP_MAX, 0)
                 and libc.mallopt(M_TRIM_THRESHOLD, KEEP_TOP))

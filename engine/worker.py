@@ -12,6 +12,10 @@ import os
 def dask_setup(worker=None) -> None:
     import torch
 
+    from engine.memory import tune_malloc
+
+    tune_malloc()  # the worker's malloc settings (its arena cap came with its environment)
+
     threads = os.environ.get("NEUROCAT_TORCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))

@@ -33,8 +33,13 @@ THREAD_WORKERS = 2  # tasks at a time on the threads runner: one decodes while a
 
 
 def _dask_runner(**kwargs):
+    import dask
     from prefect_dask import DaskTaskRunner
 
+    from engine.memory import MALLOC_ENV
+
+    # worker processes a LocalCluster spawns start with the malloc arena cap (engine/memory.py)
+    dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in MALLOC_ENV.items()})
     return DaskTaskRunner(**kwargs)
 
 

@@ -121,6 +121,9 @@ def _print_result(result: dict, as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.memory import tune_malloc
+
+    tune_malloc()  # before any thread allocates: shard tasks' threads then share the main arena
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     if args.version:
