@@ -56,12 +56,12 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def tune_malloc(arenas: int = ARENAS) -> bool:
+def tune_malloc() -> bool:
     """Cap the arenas (existing ones stay and keep their threads, no more are made), serve
     large blocks from the heap instead of fresh mappings and keep its top when freed. Once
     per process, as early as possible."""
     libc = _glibc()
-    return bool(libc and libc.mallopt(M_ARENA_MAX, arenas) and libc.mallopt(M_MMAP_MAX, 0)
+    return bool(libc and libc.mallopt(M_ARENA_MAX, ARENAS) and libc.mallopt(M_MMAP_MAX, 0)
                 and libc.mallopt(M_TRIM_THRESHOLD, KEEP_TOP))
 
 

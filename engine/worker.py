@@ -14,7 +14,7 @@ def dask_setup(worker=None) -> None:
 
     from engine.memory import tune_malloc
 
-    tune_malloc()  # the worker's malloc settings (its arena cap came with its environment)
+    tune_malloc()  # before the worker's task threads exist (engine/memory.py)
 
     threads = os.environ.get("NEUROCAT_TORCH_THREADS")
     if threads:
