@@ -54,14 +54,13 @@ def faithfulness_rows(attrs: dict, methods: list[str]) -> list[dict]:
                     lower = better.get(k) == "lower"
                     row["wins"] += int(facts[k] < reference[k] if lower else facts[k] > reference[k])
         rows.append(row)
-    best = {}  # the best score of each column, as shown (3 decimals): ties are all bold
-    for k in SCORE_LABELS:
-        vals = [round(r["scores"][k], 3) for r in rows if r["scores"][k] is not None and r["method"] != "random"]
-        if vals:
-            best[k] = (min if better.get(k) == "lower" else max)(vals)
-    for r in rows:
-        r["best"] = [k for k in SCORE_LABELS if r["method"] != "random" and r["scores"][k] is not None
-                     and round(r["scores"][k], 3) == best.get(k)]
+    # the best score of each column among the methods, as shown (3 decimals): ties are all bold
+    shown = [{k: round(v, 3) for k, v in r["scores"].items() if v is not None} if r["method"] != "random" else {}
+             for r in rows]
+    best = {k: (min if better.get(k) == "lower" else max)(vals)
+            for k in SCORE_LABELS if (vals := [s[k] for s in shown if k in s])}
+    for r, s in zip(rows, shown):
+        r["best"] = [k for k in SCORE_LABELS if k in s and s[k] == best[k]]
     return rows
 
 
