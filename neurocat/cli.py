@@ -1,7 +1,9 @@
 """The `neurocat` command line. Each subcommand lives in `neurocat/commands/<name>.py`.
 
 A command module defines `HELP`, `add_arguments(parser)` and `run(args) -> dict`; job
-commands (`JOB = True`) also get the common options and run a Prefect flow. The dict it
+commands (`JOB = True`) also get the common options and run a Prefect flow (other commands
+that run one say `FLOW = True`: Prefect's API server is started early for both, and a flow
+runs through `with_runner` or after `wait_for_api`). The dict it
 returns is printed as `key: value` lines, or as one JSON object with `--json`.
 Exit codes: 0 success, 2 bad arguments or unusable input, 1 internal error.
 """
@@ -14,7 +16,11 @@ import importlib
 import json
 import os
 import sys
+import threading
+import time
 import traceback
+from concurrent.futures import Future
+from contextvars import copy_context
 
 from neurocat.prefect_env import prefect_defaults
 
@@ -30,6 +36,62 @@ def _prepare_environment(verbose: bool) -> None:
         url = os.environ.get("NEUROCAT_PREFECT_SERVER", "http://127.0.0.1:4200/api")
         if _server_alive(url):
             os.environ["PREFECT_API_URL"] = url
+
+
+class EarlyApiServer:
+    """Prefect's ephemeral API server, started on a thread while the command imports and
+    checks its input (its start is a process of its own, ~5 s here, beside ~3-4 s of
+    imports), instead of when the first flow runs. Flows run after `wait`; a command that
+    ends without running one `discard`s it (killed: stopping a server whose services are
+    still starting makes it print a traceback).
+    """
+
+    def __init__(self):
+        # imported here, not on the thread: a module imported by two threads at once can be
+        # seen half-initialised by one of them
+        from prefect.server.api.server import SubprocessASGIServer
+
+        self.server = SubprocessASGIServer()  # the instance Prefect's client will find, already up
+        self.started: Future = Future()
+        self.used = False  # a flow waited for it
+        threading.Thread(target=copy_context().run, args=(self._start,), name="prefect-api", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            self.server.start()
+            self.started.set_result(None)
+        except BaseException as e:  # noqa: BLE001 - raised again by wait
+            self.started.set_exception(e)
+
+    def wait(self) -> None:
+        self.used = True
+        self.started.result()
+
+    def discard(self) -> None:
+        while not self.started.done() and self.server.server_process is None:
+            time.sleep(0.01)  # until start() has spawned it
+        if self.server.server_process is not None:
+            self.server.server_process.kill()
+        self.server.stop()  # reaps it, and Prefect's exit handler then has nothing to stop
+
+
+_early_api: EarlyApiServer | None = None
+
+
+def _start_api_server() -> None:
+    """An EarlyApiServer, unless an API is configured (a server, or the test harness's
+    settings), as Prefect's own client decides."""
+    global _early_api
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        _early_api = EarlyApiServer()
+
+
+def wait_for_api() -> None:
+    """Before a flow runs: block until the early-started API server answers (if one was started)."""
+    if _early_api is not None:
+        _early_api.wait()
 
 
 def _server_alive(url: str) -> bool:
@@ -58,16 +120,26 @@ def add_common_options(p: argparse.ArgumentParser, data_required: bool = True) -
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
-def run_options(args, **overrides):
-    """RunOptions from parsed common options (validated before any flow starts)."""
+def check_options(args) -> None:
+    """The checks of the common options that need nothing imported: made before anything starts."""
     from engine.errors import InputError
-    from flows.common import RunOptions
 
     data = getattr(args, "data", None)
     if data is not None and not os.path.isdir(data):
         raise InputError(f"data folder not found: {data}")
-    if args.batch_size < 1 or args.shard_size < 1 or any(v is not None and v < 1 for v in (args.limit, args.workers)):
+    weights = getattr(args, "weights", None)
+    if weights and not os.path.isfile(weights):
+        raise InputError(f"weights file not found: {weights}")
+    numbers = [getattr(args, name, None) for name in ("batch_size", "shard_size", "limit", "workers")]
+    if any(v is not None and v < 1 for v in numbers):
         raise InputError("--batch-size, --shard-size, --limit and --workers must be positive")
+
+
+def run_options(args, **overrides):
+    """RunOptions from parsed common options (validated before any flow starts)."""
+    from flows.common import RunOptions
+
+    check_options(args)
     if args.cluster:
         from flows.runners import load_profile
 
@@ -76,16 +148,19 @@ def run_options(args, **overrides):
 
     cached_model(args.model, args.weights, args.device)  # fail fast on bad weights; the flow reuses it
     progress = sys.stderr.isatty() and not args.json
-    return RunOptions(data=data, model=args.model, weights=args.weights, store=args.store, report=args.report,
-                      runner=args.cluster or args.runner, workers=args.workers, batch_size=args.batch_size, limit=args.limit, device=args.device,
-                      shard_size=args.shard_size, progress=progress, **overrides)
+    return RunOptions(data=getattr(args, "data", None), model=args.model, weights=args.weights, store=args.store,
+                      report=args.report, runner=args.cluster or args.runner, workers=args.workers,
+                      batch_size=args.batch_size, limit=args.limit, device=args.device, shard_size=args.shard_size,
+                      progress=progress, **overrides)
 
 
 def with_runner(flow_fn, opts):
-    """The flow with the task runner `--runner` names."""
+    """The flow with the task runner `--runner` names, once the API it reports to is up."""
     from flows.runners import task_runner
 
-    return flow_fn.with_options(task_runner=task_runner(opts.runner, opts.workers))
+    runner = task_runner(opts.runner, opts.workers)
+    wait_for_api()
+    return flow_fn.with_options(task_runner=runner)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -135,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _prepare_environment(args.verbose)
+    command = modules[args.command]
     from engine.errors import InputError
     from storage.store import StoreLockedError
 
     real_stdout = sys.stdout
     try:
+        if getattr(command, "JOB", False) or getattr(command, "FLOW", False):
+            check_options(args)  # the usual mistakes, reported before the server starts
+            _start_api_server()
         # keep stdout clean for --json: anything a library prints goes to stderr
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = modules[args.command].run(args)
+            result = command.run(args)
     except (InputError, StoreLockedError) as e:
         print(f"neurocat: error: {e}", file=sys.stderr)
         return 2
@@ -153,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("neurocat: internal error (above); please report it", file=sys.stderr)
         return 1
+    finally:
+        if _early_api is not None and not _early_api.used:
+            _early_api.discard()
     sys.stdout = real_stdout
     _print_result(result or {}, args.json)
     return 0

@@ -1,7 +1,9 @@
 """`neurocat predict` end to end: accuracy, agreement with a plain torch loop, bad inputs, CLI."""
 
 import json
+import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,6 +73,37 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, shared_images):
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr, args
         assert out.stderr.strip().count("\n") <= 1 or "usage:" in out.stderr, out.stderr
+
+
+def processes_with_home(home) -> list[int]:
+    """Pids of the running processes whose environment has PREFECT_HOME=home."""
+    wanted, pids = f"PREFECT_HOME={home}".encode(), []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and wanted in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_cli_without_an_api_runs_on_its_own_server_and_leaves_none(tmp_path, demo_data):
+    """No API configured: the CLI starts Prefect's ephemeral server early (while it imports), a
+    job runs on it; a command that fails after the start kills it quietly. Either way no
+    server outlives the command."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    ok = subprocess.run(neurocat_cmd() + ["predict", "--data", str(demo_data), "--limit", "4", "--store",
+                                          str(tmp_path / "p.zarr"), "--json"], env=env, capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout)["images"] == 4 and (home / "prefect.db").exists()
+    assert processes_with_home(home) == []
+    bad = subprocess.run(neurocat_cmd() + ["catalog", "--data", str(demo_data), "--layers", "nope"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no layer 'nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert processes_with_home(home) == []
 
 
 def test_empty_folder_gives_empty_report(prefect_api, tmp_path):

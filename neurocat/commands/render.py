@@ -15,6 +15,7 @@ from neurocat.cli import add_common_options, run_options, with_runner
 
 HELP = "render DeepDream, style transfer, textures, fast style, class/feature visualisations, inversions"
 JOB = False
+FLOW = True
 KINDS = ["dream", "style", "texture", "fast-style", "classvis", "invert", "featvis"]
 
 

@@ -1,3 +1,4 @@
+FLOW = True
 HELP = "(re)build the HTML report of a store, or with --compare a comparison of two runs"
 
 
@@ -12,6 +13,7 @@ def run(args) -> dict:
 
     from engine.errors import InputError
     from flows.report import report_flow
+    from neurocat.cli import wait_for_api
 
     for store in filter(None, [args.store, args.compare]):
         if not (Path(store) / "zarr.json").exists():
@@ -21,4 +23,5 @@ def run(args) -> dict:
         out = args.out or str(a.parent / f"{a.stem}-vs-{b.stem}")
     else:
         out = args.out or str(Path(args.store).with_suffix("")) + "-report"
+    wait_for_api()
     return report_flow(args.store, out, args.compare)
