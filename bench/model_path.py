@@ -7,23 +7,27 @@ Forward+backward (an input-gradient saliency pass): plain eager vs the folded an
 Both again with engine/memory.py's malloc settings (what every shard task runs under), and
 the jobs' form against plain eager PyTorch with glibc's defaults.
 Variants run interleaved, several repeats, best of each, because other processes share
-the CPU. Then `neurocat catalog` end to end (the flow in process: scan, decode, forward,
-stats, patches, projections, report) on 250, 1,000 and 10,000 files, against the plain eager
-forward measured here and against a plain eager loop that decodes the same files (its rate
-taken on the first 1,000: it does not depend on their number). The catalogue's cost per unit
+the CPU. Then `neurocat catalog` end to end, as a user runs it (the command in a fresh
+process: start-up, scan, decode, forward, stats, patches, projections, report) on 250,
+1,000 and 10,000 files, against the plain eager forward measured here and against a plain
+eager loop that decodes the same files (its rate taken on the first 1,000: it does not
+depend on their number). The catalogue's cost per unit
 (patch pass, report) is fixed, its cost per image is not, so its rate grows with the dataset.
 Usage: python bench/model_path.py [--images 64] [--repeats 3] [--e2e-copies 1,4,40] [--no-compile]
+       [--no-eager-catalog]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED_DATA, model_inputs  # also puts the repository on sys.path
+from common import ROOT, SHARED_DATA, model_inputs  # also puts the repository on sys.path
 
 from neurocat.prefect_env import prefect_defaults  # noqa: E402
 
@@ -103,52 +107,51 @@ def print_race(title: str, result: dict, baseline: str = "plain eager") -> None:
 LOOP_FILES = 1000  # files the plain eager loop reads for its rate
 
 
-def catalog_end_to_end(data: str, batch_size: int, fast: bool, limit: int | None = None) -> float:
-    """images/s of the catalogue flow in process (default layers and options, report included)."""
+def catalog_end_to_end(data: str, batch_size: int, fast: bool) -> tuple[float, dict]:
+    """images/s of `neurocat catalog` as a user runs it: a fresh process, default layers and
+    options, the Prefect API it finds (none: its own ephemeral server), report included;
+    and the seconds of its stages from the store."""
     from engine.images import list_images
-    from flows.catalog import catalog_flow
-    from flows.common import RunOptions
+    from storage.store import Store
 
-    n = len(list_images(data)[:limit])
-    os.environ["NEUROCAT_FAST"] = "1" if fast else "0"
+    n = len(list_images(data))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"NEUROCAT_FAST": "1" if fast else "0"}
     with tempfile.TemporaryDirectory() as tmp:
-        opts = RunOptions(data=data, store=f"{tmp}/c.zarr", report=f"{tmp}/report", limit=limit,
-                          batch_size=batch_size)
         t0 = time.perf_counter()
-        catalog_flow(opts, ["_blocks.5", "_blocks.10"], 16, 8, 0, None, "guided")
+        subprocess.run([sys.executable, "-m", "neurocat", "catalog", "--data", data, "--store", f"{tmp}/c.zarr",
+                        "--batch-size", str(batch_size), "--json"], env=env, cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
-    os.environ.pop("NEUROCAT_FAST")
-    return n / seconds
+        stages = Store(f"{tmp}/c.zarr", mode="r").attrs().get("timings", {}).get("catalog", {})
+    return n / seconds, {"total": seconds, **stages}
 
 
 def end_to_end(args, eager_fwd: float) -> None:
     """The catalogue end to end at each `--e2e-copies` size, against the plain eager forward of
     decoded tensors (the race above) and against a plain eager loop that also decodes the files
     (bench/forward.py's PIL + torchvision + model loop, the end-to-end a user would write)."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from bench.catalog import linked_copies
     from bench.forward import raw_loop
     from engine.images import list_images
     from engine.models import cached_model
 
     model = cached_model("efficientnet_lite0")
-    with prefect_test_harness(server_startup_timeout=180), tempfile.TemporaryDirectory() as work:
-        catalog_end_to_end(args.data, args.batch_size, True, limit=args.batch_size)  # warm-up: Prefect, imports
+    with tempfile.TemporaryDirectory() as work:
         for copies in args.e2e_copies:
             data = args.data if copies == 1 else str(linked_copies(Path(args.data), copies, Path(work) / f"x{copies}"))
             paths = [Path(data) / e.path for e in list_images(data)]
             n = len(paths)
-            fast = catalog_end_to_end(data, args.batch_size, True)
+            fast, stages = catalog_end_to_end(data, args.batch_size, True)
             sample = paths[::max(1, n // LOOP_FILES)][:LOOP_FILES]
             loop = raw_loop(model, sample, args.batch_size)
-            print(f"\nneurocat catalog end to end, {n} files ({copies} name(s) per shared image; scan, decode, "
-                  f"forward, stats, patches, projections, report)")
+            print(f"\nneurocat catalog end to end, {n} files ({copies} name(s) per shared image; a fresh process: "
+                  f"start, scan, decode, forward, stats, patches, projections, report)")
             print(f"  fast path (default)   {fast:7.1f} images/s  x{fast / eager_fwd:5.2f} of plain eager forward "
                   f"(decoded tensors), x{fast / loop:5.2f} of a plain eager loop over the files ({loop:.1f} images/s on "
                   f"{len(sample)} of them)")
-            if copies == args.e2e_copies[0]:
-                eager = catalog_end_to_end(data, args.batch_size, False)
+            print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+            if copies == args.e2e_copies[0] and not args.no_eager_catalog:
+                eager, _ = catalog_end_to_end(data, args.batch_size, False)
                 print(f"  NEUROCAT_FAST=0       {eager:7.1f} images/s  x{eager / eager_fwd:5.2f} of plain eager forward")
 
 
@@ -162,6 +165,7 @@ def main() -> None:
                     help="end-to-end catalogue runs on the shared images under this many names each (1: the 250 "
                          "images; 4: 1,000 files; 40: 10,000); empty or 0: skip")
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled variants")
+    ap.add_argument("--no-eager-catalog", action="store_true", help="leave out the NEUROCAT_FAST=0 catalogue")
     args = ap.parse_args()
 
     import torch
