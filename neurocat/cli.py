@@ -29,9 +29,11 @@ COMMANDS = ["demo", "predict", "catalog", "embed", "neighbors", "audit", "explai
 
 
 def _prepare_environment(verbose: bool) -> None:
-    """Prefect settings that must be in place before Prefect is imported; a running
+    """Prefect settings that must be in place before Prefect is imported (and Dask's log
+    level before distributed is: its scheduler and workers log at INFO otherwise); a running
     neurocat server, when there is one, as the API."""
     prefect_defaults("INFO" if verbose else "WARNING")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose else "warning")
     if not os.environ.get("PREFECT_API_URL"):
         url = os.environ.get("NEUROCAT_PREFECT_SERVER", "http://127.0.0.1:4200/api")
         if _server_alive(url):

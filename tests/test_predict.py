@@ -106,6 +106,16 @@ def test_cli_without_an_api_runs_on_its_own_server_and_leaves_none(tmp_path, dem
     assert processes_with_home(home) == []
 
 
+def test_cli_on_dask_prints_the_result_and_nothing_else(prefect_api, demo_data, tmp_path):
+    """distributed's scheduler and workers log at INFO unless told otherwise (24 lines a run)."""
+    out = subprocess.run(neurocat_cmd() + ["predict", "--data", str(demo_data), "--limit", "8", "--runner", "dask",
+                                           "--store", str(tmp_path / "d.zarr"), "--json"],
+                         env=cli_env(prefect_api), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["images"] == 8
+    assert out.stderr.strip() == "", out.stderr[-2000:]
+
+
 def test_empty_folder_gives_empty_report(prefect_api, tmp_path):
     (tmp_path / "empty").mkdir()
     result = predict_flow(RunOptions(data=str(tmp_path / "empty"), store=str(tmp_path / "e.zarr")))
