@@ -29,10 +29,6 @@ from pathlib import Path
 
 from common import ROOT, SHARED_DATA, model_inputs  # also puts the repository on sys.path
 
-from neurocat.prefect_env import prefect_defaults  # noqa: E402
-
-prefect_defaults()
-
 
 def images_per_second(step, x, batch_size: int) -> float:
     t0 = time.perf_counter()

@@ -138,10 +138,10 @@ def check_options(args) -> None:
 
 
 def run_options(args, **overrides):
-    """RunOptions from parsed common options (validated before any flow starts)."""
+    """RunOptions from parsed common options, checked before any flow starts (`main` made
+    `check_options` before anything started; the cluster profile and weights here)."""
     from flows.common import RunOptions
 
-    check_options(args)
     if args.cluster:
         from flows.runners import load_profile
 
