@@ -69,12 +69,12 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def feature_space(vectors: np.ndarray, kind: str = "auto", metric: str = "l2", k: int = 10,
-                  with_maps: bool = True, perplexity: float = 30.0, seed: int = 0, n_jobs: int = 1,
+                  with_maps: bool = True, perplexity: float | None = None, seed: int = 0, n_jobs: int = 1,
                   recall_k: int = 10, grid_cells: int = 1600) -> Space:
     """Index `vectors`, build their kNN graph (self excluded) and, with `with_maps`, PCA and t-SNE.
 
-    One FAISS search serves both the stored graph (k) and the t-SNE affinities (3 * perplexity
-    neighbours). Approximate indices are measured against exact search (recall@`recall_k`).
+    One FAISS search serves both the stored graph (k) and the t-SNE affinities
+    (`maps.tsne_neighbours`; `perplexity` None: uniform ones, see `maps.tsne_map`). Approximate indices are measured against exact search (recall@`recall_k`).
     Cosine spaces are centred on the dataset mean first (`faiss_index.cosine_centre`): the
     index, graph, maps and their trustworthiness all live in that one space.
     """

@@ -80,36 +80,53 @@ def pca_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, list[float]]:
     return xy.astype(np.float32), [float(v) for v in pca.explained_variance_ratio_]
 
 
-def tsne_perplexity(n: int, perplexity: float) -> float:
-    """The perplexity asked for (30 by default: van der Maaten's, scikit-learn's and openTSNE's),
-    capped at (n - 1) / 3 because the affinities use 3 * perplexity neighbours.
+# Neighbours per point of the default (uniform) t-SNE affinities: Böhm, Berens & Kobak (JMLR
+# 2022) show t-SNE on a binary 15-NN graph gives maps like perplexity 30's at a sixth of the
+# neighbours. On every cosine space of bench/tsne_affinities.py it keeps neighbourhoods as well
+# or better: trustworthiness@10 of the shared images' fc7 in the embed job 0.839-0.847 vs
+# perplexity 30's 0.80-0.81, of their pooled _blocks.5/10/15 0.936/0.944/0.876 vs
+# 0.919/0.933/0.839, equal on scikit-learn's digits and bench/embed.py's mixture (RESULTS.md).
+UNIFORM_NEIGHBOURS = 15
 
-    Not scaled down further on small datasets: on the 250 shared images (fc7 centred, cosine)
-    the map's trustworthiness@10 is 0.77, 0.80, 0.81, 0.81 at perplexity 5, 10, 30, 80 (and
-    flat in dof 0.6-1), so a smaller one would only make the map noisier.
-    """
+
+def tsne_perplexity(n: int, perplexity: float) -> float:
+    """The perplexity asked for, capped at (n - 1) / 3 because Gaussian affinities use
+    3 * perplexity neighbours."""
     return float(max(1.0, min(perplexity, (n - 1) / 3.0)))
 
 
-def tsne_neighbours(n: int, perplexity: float) -> int:
-    """How many neighbours per point the t-SNE affinities use (3 * perplexity)."""
-    return int(min(n - 1, int(3 * tsne_perplexity(n, perplexity))))
+def tsne_neighbours(n: int, perplexity: float | None = None, uniform_k: int = UNIFORM_NEIGHBOURS) -> int:
+    """How many neighbours per point the t-SNE affinities use: `uniform_k` for uniform
+    affinities (`perplexity` None, the default), 3 * perplexity for Gaussian ones."""
+    wanted = uniform_k if perplexity is None else int(3 * tsne_perplexity(n, perplexity))
+    return int(min(n - 1, wanted))
+
+
+def describe_affinities(perplexity: float | None) -> str:
+    """What the map's affinities were, for the store and the report."""
+    return f"uniform on the {UNIFORM_NEIGHBOURS}-NN graph" if perplexity is None else f"Gaussian, perplexity {perplexity:g}"
 
 
 def tsne_map(index, graph: tuple[np.ndarray, np.ndarray], metric: str, init_xy: np.ndarray,
-             perplexity: float = 30.0, seed: int = 0, n_jobs: int = 1, n_iter: int = TSNE_ITERATIONS) -> np.ndarray:
-    """openTSNE on the given kNN graph (>= 3 * perplexity neighbours per point), PCA-initialised.
+             perplexity: float | None = None, seed: int = 0, n_jobs: int = 1, n_iter: int = TSNE_ITERATIONS,
+             uniform_k: int = UNIFORM_NEIGHBOURS) -> np.ndarray:
+    """openTSNE on the given kNN graph (at least `tsne_neighbours` per point), PCA-initialised.
 
+    Affinities: uniform over each point's `uniform_k` nearest (symmetrised by max)
+    unless a `perplexity` asks for Gaussian ones (van der Maaten's t-SNE; 30 is the usual value).
     Gradients by Barnes-Hut below 10,000 points and by FFT interpolation above (openTSNE's
     choice, O(N) per iteration; `FFT_INTERPOLATION_POINTS`); learning rate N / exaggeration
     (openTSNE's "auto", Belkina et al. 2019).
     """
     n = len(init_xy)
-    perp = tsne_perplexity(n, perplexity)
-    k = tsne_neighbours(n, perplexity)
+    k = tsne_neighbours(n, perplexity, uniform_k)
     ids, dist = graph
     knn = FaissKNN(index, metric, (np.ascontiguousarray(ids[:, :k]), np.ascontiguousarray(dist[:, :k], dtype=np.float64)))
-    aff = affinity.PerplexityBasedNN(knn_index=knn, perplexity=perp, n_jobs=n_jobs, random_state=seed)
+    if perplexity is None:
+        aff = affinity.Uniform(knn_index=knn, n_jobs=n_jobs, random_state=seed)
+    else:
+        aff = affinity.PerplexityBasedNN(knn_index=knn, perplexity=tsne_perplexity(n, perplexity), n_jobs=n_jobs,
+                                         random_state=seed)
     init = initialization.rescale(np.asarray(init_xy, dtype=np.float64))
     emb = TSNE(n_iter=n_iter, n_interpolation_points=FFT_INTERPOLATION_POINTS, n_jobs=n_jobs,
                random_state=seed).fit(affinities=aff, initialization=init)

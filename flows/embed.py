@@ -26,7 +26,7 @@ JOB = "embed"
 
 
 def run_embed(opts: RunOptions, store: Store, layer: str = "fc7", index: str = "auto", k: int = 10,
-              metric: str = "cosine", perplexity: float = 30.0, seed: int = 0) -> dict:
+              metric: str = "cosine", perplexity: float | None = None, seed: int = 0) -> dict:
     """Features, then the layer's space and the pixel space; returns the layer space's facts."""
     run_features(opts, store, (layer,))
     manifest = store.read_manifest()
@@ -50,7 +50,7 @@ def run_embed(opts: RunOptions, store: Store, layer: str = "fc7", index: str = "
 
 @flow(name="embed", log_prints=True, task_runner=threads_runner())
 def embed_flow(opts: RunOptions, layer: str = "fc7", index: str = "auto", k: int = 10, metric: str = "cosine",
-               perplexity: float = 30.0) -> dict:
+               perplexity: float | None = None) -> dict:
     opts = resolve_paths(opts, JOB)
     store = Store(opts.store)
     with store.lock():

@@ -14,6 +14,7 @@ from prefect import task
 
 from engine.embedding import PIXEL_SIDE, Space, feature_space, pixel_vectors
 from engine.faiss_index import gpu_count, serialize
+from engine.maps import describe_affinities
 from storage.indexes import write_index
 from storage.store import Store
 
@@ -67,7 +68,7 @@ def write_space(store: Store, name: str, space: Space, rows: np.ndarray, n: int,
 
 @task(name="embed-space")
 def embed_space(store_path: str, job: str, name: str, source: str, kind: str, metric: str, k: int,
-                with_maps: bool, perplexity: float, seed: int, provenance: dict, fp: str) -> dict:
+                with_maps: bool, perplexity: float | None, seed: int, provenance: dict, fp: str) -> dict:
     store = Store(store_path)
     manifest = store.read_manifest()
     rows = np.flatnonzero(manifest["status"].values == "ok")
@@ -76,7 +77,7 @@ def embed_space(store_path: str, job: str, name: str, source: str, kind: str, me
     index_file = write_index(store, name, serialize(space.index))
     facts = {"space": name, "source": source, "images": int(len(rows)), "kind": space.kind, "metric": metric,
              "k": int(space.knn_index.shape[1]), "recall@10": space.recall, "trust_pca": space.trust_pca,
-             "trust_tsne": space.trust_tsne, "perplexity": perplexity, "pca_explained": space.pca_explained,
+             "trust_tsne": space.trust_tsne, "affinities": describe_affinities(perplexity), "pca_explained": space.pca_explained,
              "gpu": gpu_count() > 0, "timings": space.timings}
     write_space(store, name, space, rows, len(manifest), {**provenance, **facts, "index_file": index_file.name})
     store.mark_shard_done(job, 0, fp, facts)

@@ -143,6 +143,8 @@ def build_layer(site: Site, layer: str, thumbs: Thumbs, rows: np.ndarray, labels
                 note = "explained variance " + " + ".join(f"{v:.1%}" for v in attrs["pca_explained"])
             elif key == "tsne" and attrs.get("trust_tsne") is not None:
                 note = f"trustworthiness@10 {attrs['trust_tsne']:.3f}"
+                if attrs.get("affinities"):
+                    note += f"; affinities {attrs['affinities']}"
             figures[key] = site.figure(scatter_figure(xy, list(labels[rows]), f"{layer}: {title}, coloured by class", note),
                                        f"embed/{layer}-{key}.png")
     grid_img = None
