@@ -166,7 +166,8 @@ def adaptive_errors(model, completeness_sample):
                    "snapped to 256 probes, each node in the probe interval whose slope is closest to its cell's mean "
                    "slope: 5/10 (median 0.98%, max 3.70%), at 1.7x the cost; on the worst image the error is spread "
                    "over ~30 cells in alpha 0.007-0.07, each off by 5-10% of its own integral. A black-image baseline: "
-                   "7/10 (median 0.57%, max 2.91%)")
+                   "7/10 (median 0.57%, max 2.91%); a blurred one (sigma 16 px) 8/10 (0.76%, 1.54%), held out 7/10; "
+                   "noise 2/10; F = softmax probability 3/10, log-probability 4/10 (bench/RESULTS.md)")
 def test_integrated_gradients_completeness_within_1_percent_at_64_steps(completeness_sample, adaptive_errors):
     names = completeness_sample[2]
     assert (adaptive_errors <= 0.01).all(), dict(zip(names, adaptive_errors.round(4)))
