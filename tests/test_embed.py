@@ -20,6 +20,7 @@ from flows.common import RunOptions
 from flows.embed import embed_flow
 from storage.indexes import read_index, write_index
 from storage.store import Store
+from tasks.embed import PIXELS
 
 ALTERED = ["n01440764/n01440764_tench.JPEG", "n01560419/n01560419_bulbul.JPEG", "n02091831/n02091831_Saluki.JPEG",
            "n03026506/n03026506_Christmas_stocking.JPEG", "n03770679/n03770679_minivan.JPEG",
@@ -136,6 +137,7 @@ def test_default_uniform_affinities_keep_neighbourhoods_better_than_perplexity_3
 
     store, rows, space = embedded["store"], embedded["rows"], embedded["centred"]
     assert store.attrs("embed/fc7")["affinities"] == "uniform on the 15-NN graph"
+    assert store.attrs(f"embed/{PIXELS}")["affinities"] is None  # no map of the pixel space
     ours = store.read("embed/fc7/tsne")[rows]
     gaussian = feature_space(embedded["feats"], "flat", "cosine", perplexity=30.0).tsne
     def trust(xy):
