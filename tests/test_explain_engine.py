@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from engine import attribution as A
 from engine import faithfulness as Fa
 from engine.backprop_rules import relu_backward_rule
+from engine.errors import InputError
 from engine.hooks import capture, hook_count
 from engine.images import list_images, load_preprocessed
 from engine.segmentation import grabcut_mask
@@ -61,6 +62,31 @@ def test_integrated_gradients_equal_captum(model, batch, layout, rule):
     assert rel_err(ours, ref) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["black", "blur"])
+def test_named_ig_baselines_equal_captum_from_the_same_baseline(model, batch, name):
+    """`black` and `blur`: the baseline image against one built independently (the pixels black,
+    or blurred in pixel space, Gaussian sigma 16 px at 224, before normalising); the attributions
+    against Captum's from that same baseline tensor. (Not from the independent one: the ~1e-5
+    float difference moves path points across ReLU6 kinks, ~3% of a map's maximum at 8 nodes.)"""
+    from captum.attr import IntegratedGradients
+    from torchvision.transforms.functional import gaussian_blur
+
+    images, x, t = batch
+    pixels = images.permute(0, 3, 1, 2).float()
+    pixels = torch.zeros_like(pixels) if name == "black" else gaussian_blur(pixels, [97, 97], [16.0, 16.0])
+    base = model.preprocessing.normalize(pixels).contiguous(memory_format=torch.channels_last)
+    ours_base = A.path_baseline(model, x, name)
+    assert rel_err(ours_base, base) < 1e-4  # float32 sums in another order
+    ours, _ = A.integrated_gradients(model, x, t, baseline=name, steps=8, chunk=8, rule="gausslegendre")
+    ours_base = ours_base.contiguous(memory_format=torch.channels_last)  # the batch's layout, as the path keeps it
+    ref = IntegratedGradients(model.module).attribute(x.clone(), baselines=ours_base, target=t, n_steps=8,
+                                                      method="gausslegendre", internal_batch_size=8)
+    assert rel_err(ours, ref) < 1e-4
+    assert A.check_ig_baseline("0.5") == 0.5
+    with pytest.raises(InputError, match="baseline 'grey'"):
+        A.check_ig_baseline("grey")
+
+
 @pytest.mark.parametrize("layer", ["_conv_head", "_blocks.15"])
 def test_gradcam_equals_pytorch_grad_cam(model, batch, layer):
     from pytorch_grad_cam import GradCAM
@@ -92,10 +118,12 @@ def test_cam_is_classifier_weights_on_the_pooled_activation(model, batch):
     assert torch.allclose(A.cam(model, x, t), expected, atol=1e-4)
 
 
-def completeness(model, x, t, attr):
-    """|sum(attr) - (S_t(x) - S_t(0))| / |S_t(x) - S_t(0)|, computed independently on the eager model."""
+def completeness(model, x, t, attr, base=None):
+    """|sum(attr) - (S_t(x) - S_t(base))| / |S_t(x) - S_t(base)| (base: 0), computed independently
+    on the eager model."""
+    base = torch.zeros_like(x) if base is None else base
     with torch.no_grad():
-        s = model.module(torch.cat([x, torch.zeros_like(x)])).gather(1, torch.cat([t, t])[:, None])[:, 0]
+        s = model.module(torch.cat([x, base])).gather(1, torch.cat([t, t])[:, None])[:, 0]
     delta = s[:len(x)] - s[len(x):]
     return ((attr.sum((1, 2, 3)) - delta).abs() / delta.abs()).numpy()
 
@@ -182,6 +210,18 @@ def test_adaptive_nodes_beat_gauss_legendre_on_the_sample(model, completeness_sa
     gauss = completeness(model, x, t, attr)
     assert np.median(adaptive_errors) < np.median(gauss) and adaptive_errors.max() < gauss.max(), (
         adaptive_errors.round(4), gauss.round(4))
+
+
+@pytest.mark.slow
+def test_blurred_baseline_integrates_more_accurately_than_the_mean_colour(model, completeness_sample,
+                                                                          adaptive_errors):
+    """Why `--ig-baseline blur` is offered: on the same images and nodes, its median and worst
+    completeness errors are below the default baseline's (measured 0.76% / 1.54% vs 1.68% / 3.51%)."""
+    x, t, _ = completeness_sample
+    attr, _ = A.integrated_gradients(model, x, t, baseline="blur", steps=64)
+    blurred = completeness(model, x, t, attr, A.path_baseline(model, x, "blur"))
+    assert np.median(blurred) < np.median(adaptive_errors) and blurred.max() < adaptive_errors.max(), (
+        blurred.round(4), adaptive_errors.round(4))
 
 
 def test_guided_backprop_leaves_the_model_unchanged(model, batch):

@@ -64,7 +64,8 @@ def test_cli_rejects_bad_methods_and_targets(tmp_path, demo_data):
     for extra in (["--methods", "saliency,telepathy"], ["--target", "cats"], ["--target", "1000"],
                   ["--methods", "integrated_gradients", "--ig-rule", "simpson"],
                   ["--methods", "integrated_gradients", "--ig-rule", "riemann_left", "--ig-steps", "1"],
-                  ["--methods", "integrated_gradients", "--ig-probes", "0"]):
+                  ["--methods", "integrated_gradients", "--ig-probes", "0"],
+                  ["--methods", "integrated_gradients", "--ig-baseline", "grey"]):
         out = subprocess.run(neurocat_cmd() + ["explain", "--data", str(demo_data), *extra], capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 2, (extra, out.stderr[-2000:])

@@ -19,8 +19,10 @@ def add_arguments(p) -> None:
                         "gausslegendre (as Captum) or riemann_left|right|middle|trapezoid")
     g.add_argument("--ig-probes", type=int, default=64,
                    help="integrated gradients, adaptive rule: forward-only probes of the path per image (default 64)")
-    g.add_argument("--ig-baseline", type=float, default=0.0,
-                   help="integrated gradients: baseline value after normalisation (default 0 = mean colour)")
+    g.add_argument("--ig-baseline", default=0.0,
+                   help="integrated gradients: baseline, a value after normalisation (default 0 = mean colour, "
+                        "Captum's), black (the IG paper's), or blur (the image blurred, Gaussian sigma 16 px at "
+                        "224); black and blur integrate more accurately on this net (bench/RESULTS.md)")
     g.add_argument("--smoothgrad-samples", type=int, default=16)
     g.add_argument("--smoothgrad-noise", type=float, default=0.15, help="noise std / (max - min) of the image")
     g.add_argument("--occlusion-patch", type=int, default=32)
@@ -36,6 +38,7 @@ def add_arguments(p) -> None:
 
 def method_params(args) -> dict:
     """Per-method keyword arguments of engine.attribution from the command line."""
+    from engine.attribution import check_ig_baseline
     from engine.errors import InputError
 
     if args.ig_steps < 1 or args.ig_probes < 1 or args.smoothgrad_samples < 1 or args.faithfulness_steps < 0 or \
@@ -44,8 +47,8 @@ def method_params(args) -> dict:
                          "--faithfulness-steps not negative")
     return {
         "gradcam": {"layer": args.layer}, "guided_gradcam": {"layer": args.layer},
-        "integrated_gradients": {"steps": args.ig_steps, "baseline": args.ig_baseline, "rule": args.ig_rule,
-                                 "probes": args.ig_probes},
+        "integrated_gradients": {"steps": args.ig_steps, "baseline": check_ig_baseline(args.ig_baseline),
+                                 "rule": args.ig_rule, "probes": args.ig_probes},
         "smoothgrad": {"samples": args.smoothgrad_samples, "noise": args.smoothgrad_noise},
         "occlusion": {"patch": args.occlusion_patch, "stride": args.occlusion_stride,
                       "baseline": args.occlusion_baseline},
