@@ -28,8 +28,9 @@ starts and when `flows` is imported, and Dask workers and deployments start with
 MALLOC_ARENA_MAX=1 in their environment (`MALLOC_ENV`). Measured on the 2-core VM
 (2026-12-03): the catalogue's statistics loop on a thread, 1,024 files, 2.7-3.1 M page
 faults and 61-65 images/s with two arenas, 9 k and 89-90 with one; the pass-1 forward on a
-thread of a fresh process ~120 k faults per batch untuned, ~38 k once `flows` is imported
-(tests/test_memory.py); a 4,000-file catalogue in process, statistics pass 56-61 s (7 runs)
+thread of a fresh process ~120 k faults per batch untuned, 0 once `flows` is imported
+(tests/test_memory.py; 38-114 k while `flows` set the cap after pandas' import, whose thread
+had made a second arena, so that task threads could land on it); a 4,000-file catalogue in process, statistics pass 56-61 s (7 runs)
 before, 52.9-53.4 s with the cap set on import, 47.3-50.0 s with it set before any import.
 All no-ops off glibc.
 """

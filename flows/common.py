@@ -22,12 +22,9 @@ from prefect import task
 from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
-from engine.memory import tune_malloc
 from engine.models import cached_model
 from storage.manifest import build_manifest, mark_failed
 from storage.store import Store, fingerprint
-
-tune_malloc()  # a flow called from Python: before its task threads allocate (engine/memory.py)
 
 
 class RunOptions(BaseModel):
