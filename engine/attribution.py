@@ -21,6 +21,7 @@ live in context managers and are removed on exit, also after an exception.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import replace
 from typing import Callable, Iterator
 
@@ -261,10 +262,12 @@ def check_ig_baseline(baseline: float | str) -> float | str:
     """A number, or one of IG_BASELINES (as text from the command line, a number may come as a string)."""
     if isinstance(baseline, str) and baseline not in IG_BASELINES:
         try:
-            return float(baseline)
+            baseline = float(baseline)
         except ValueError:
             raise InputError(f"unknown integrated-gradients baseline {baseline!r}: a number (after "
                              f"normalisation) or one of {', '.join(IG_BASELINES)}") from None
+    if isinstance(baseline, float) and not math.isfinite(baseline):
+        raise InputError(f"integrated-gradients baseline {baseline} is not a finite number")
     return baseline
 
 

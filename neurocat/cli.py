@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import os
 import sys
 import threading
@@ -104,6 +105,18 @@ def _server_alive(url: str) -> bool:
             return r.status == 200
     except Exception:  # noqa: BLE001 - no server is the normal case
         return False
+
+
+def finite_float(text: str) -> float:
+    """argparse type of a number option: float() alone also takes 'nan' and 'inf', which would
+    run a whole job on NaNs."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
 def add_common_options(p: argparse.ArgumentParser, data_required: bool = True) -> None:

@@ -279,6 +279,9 @@ def test_embed_cli_rejects_bad_arguments(tmp_path, demo_data):
                              + args, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0
+    out = subprocess.run(neurocat_cmd() + ["embed", "--data", str(demo_data), "--perplexity", "nan"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--perplexity: not a finite number: 'nan'" in out.stderr, out.stderr
     out = subprocess.run(neurocat_cmd() + ["neighbors", "--store", str(tmp_path / "none.zarr"), "--query", "x.jpg"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "no neurocat store" in out.stderr

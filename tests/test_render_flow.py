@@ -74,3 +74,16 @@ def test_cli_render_featvis_and_classvis(prefect_api, tmp_path):
     bad = subprocess.run([*neurocat_cmd(), "render", "featvis", "--layer", "nope", "--channels", "1",
                           "--store", store], env=cli_env(prefect_api), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no layer" in bad.stderr
+
+
+def test_cli_render_rejects_bad_number_lists(tmp_path, images):
+    """Comma lists are parsed by the command: a bad entry is a one-line error naming the option,
+    before any render starts (nothing is written)."""
+    for args, option in ((["featvis", "--layer", "_blocks.6", "--channels", "1,x"], "--channels"),
+                         (["style", str(images[0]), "--style", str(images[1]), "--style-weight", "1,nan"],
+                          "--style-weight")):
+        bad = subprocess.run([*neurocat_cmd(), "render", *args, "--store", str(tmp_path / "r.zarr")],
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and f"error: {option}:" in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert not (tmp_path / "r.zarr").exists()

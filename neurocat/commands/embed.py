@@ -1,5 +1,5 @@
 from engine.errors import InputError
-from neurocat.cli import run_options, with_runner
+from neurocat.cli import finite_float, run_options, with_runner
 
 HELP = "features, FAISS index, kNN graph, PCA and t-SNE maps, nearest-neighbour galleries"
 JOB = True
@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
     p.add_argument("-k", "--k", type=int, default=10, help="neighbours per image in the kNN graph")
     p.add_argument("--metric", default="cosine", choices=["cosine", "l2"],
                    help="feature distance: cosine (l2 between unit vectors; default) or raw l2")
-    p.add_argument("--perplexity", type=float, default=None,
+    p.add_argument("--perplexity", type=finite_float, default=None,
                    help="t-SNE with Gaussian affinities of this perplexity (30 is the usual value) instead of the "
                         "default uniform affinities on each image's 15 nearest neighbours")
 

@@ -1,4 +1,4 @@
-from neurocat.cli import run_options, with_runner
+from neurocat.cli import finite_float, run_options, with_runner
 
 HELP = "attribution maps (saliency, Grad-CAM, ...), their faithfulness scores and saliency-seeded masks"
 JOB = True
@@ -24,10 +24,10 @@ def add_arguments(p) -> None:
                         "Captum's), black (the IG paper's), or blur (the image blurred, Gaussian sigma 16 px at "
                         "224); black and blur integrate more accurately on this net (bench/RESULTS.md)")
     g.add_argument("--smoothgrad-samples", type=int, default=16)
-    g.add_argument("--smoothgrad-noise", type=float, default=0.15, help="noise std / (max - min) of the image")
+    g.add_argument("--smoothgrad-noise", type=finite_float, default=0.15, help="noise std / (max - min) of the image")
     g.add_argument("--occlusion-patch", type=int, default=32)
     g.add_argument("--occlusion-stride", type=int, default=16)
-    g.add_argument("--occlusion-baseline", type=float, default=0.0,
+    g.add_argument("--occlusion-baseline", type=finite_float, default=0.0,
                    help="value of the occluder after normalisation (default 0 = mean colour)")
     g.add_argument("--faithfulness-steps", type=int, default=10,
                    help="points of the deletion/insertion curves (0: no faithfulness scores)")

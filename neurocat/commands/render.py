@@ -11,7 +11,8 @@ import argparse
 import importlib
 from pathlib import Path
 
-from neurocat.cli import add_common_options, run_options, with_runner
+from engine.errors import InputError
+from neurocat.cli import add_common_options, finite_float, run_options, with_runner
 
 HELP = "render DeepDream, style transfer, textures, fast style, class/feature visualisations, inversions"
 JOB = False
@@ -19,12 +20,20 @@ FLOW = True
 KINDS = ["dream", "style", "texture", "fast-style", "classvis", "invert", "featvis"]
 
 
-def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",") if v.strip()]
+def _floats(s: str, option: str) -> list[float]:
+    """A comma list of numbers; a bad one is an InputError naming its option."""
+    try:
+        return [finite_float(v) for v in s.split(",") if v.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise InputError(f"{option}: {e}") from None
 
 
-def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v.strip()]
+def _ints(s: str, option: str) -> list[int]:
+    """A comma list of whole numbers; a bad one is an InputError naming its option."""
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{option}: not a comma list of whole numbers: {s!r}") from None
 
 
 def _common(sp, size: int, steps: int, images: bool) -> None:
@@ -34,7 +43,7 @@ def _common(sp, size: int, steps: int, images: bool) -> None:
     sp.add_argument("--size", type=int, default=size, help="render size in pixels (shorter side)")
     sp.add_argument("--steps", type=int, default=steps)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--lr", type=float, help="step size (default: the kind's tuned value)")
+    sp.add_argument("--lr", type=finite_float, help="step size (default: the kind's tuned value)")
     sp.add_argument("--record", default="", help="steps to keep as intermediate images, e.g. 10,50")
     sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     sp.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
@@ -56,7 +65,7 @@ def add_arguments(p) -> None:
     sp.add_argument("--layer", default="_blocks.10")
     sp.add_argument("--channel", type=int)
     sp.add_argument("--octaves", type=int, default=4)
-    sp.add_argument("--octave-scale", type=float, default=1.4)
+    sp.add_argument("--octave-scale", type=finite_float, default=1.4)
     sp.add_argument("--jitter", type=int, default=32)
     sp.add_argument("--tile", type=int, help="compute gradients in tiles of this many pixels")
     sp.add_argument("--overlap", type=int, default=64)
@@ -66,9 +75,9 @@ def add_arguments(p) -> None:
     sp.add_argument("--style", action="append", required=True, help="style image (repeat to blend styles)")
     sp.add_argument("--blend", help="weights of the style images, e.g. 0.7,0.3")
     sp.add_argument("--style-weight", default="3", help="one value, or a comma list for a grid")
-    sp.add_argument("--content-weight", type=float, default=1.0)
-    sp.add_argument("--tv-weight", type=float, default=0.0)
-    sp.add_argument("--style-scale", type=float, default=1.0)
+    sp.add_argument("--content-weight", type=finite_float, default=1.0)
+    sp.add_argument("--tv-weight", type=finite_float, default=0.0)
+    sp.add_argument("--style-scale", type=finite_float, default=1.0)
     sp.add_argument("--style-layers", help="comma list (default: the model's tuned layers)")
     sp.add_argument("--content-layer")
     sp.add_argument("--init", default="content", choices=["content", "style", "noise"])
@@ -88,25 +97,25 @@ def add_arguments(p) -> None:
     sp.add_argument("--train-size", type=int, default=128)
     sp.add_argument("--width", type=int, default=16)
     sp.add_argument("--blocks", type=int, default=3)
-    sp.add_argument("--style-weight", type=float, default=0.3)
+    sp.add_argument("--style-weight", type=finite_float, default=0.3)
     sp.add_argument("--name", default="default", help="checkpoint name in the store")
 
     sp = sub.add_parser("classvis", help="class visualisation by regularised gradient ascent")
     _common(sp, 224, 200, False)
     sp.add_argument("--classes", required=True, help="class indices or WordNet ids, comma separated")
-    sp.add_argument("--l2-weight", type=float, default=1.0)
-    sp.add_argument("--decay", type=float, default=0.001)
+    sp.add_argument("--l2-weight", type=finite_float, default=1.0)
+    sp.add_argument("--decay", type=finite_float, default=0.001)
     sp.add_argument("--blur-every", type=int, default=4)
-    sp.add_argument("--blur-sigma", type=float, default=0.5)
-    sp.add_argument("--clip-norm-pct", type=float, default=10.0)
-    sp.add_argument("--clip-contribution-pct", type=float, default=10.0)
+    sp.add_argument("--blur-sigma", type=finite_float, default=0.5)
+    sp.add_argument("--clip-norm-pct", type=finite_float, default=10.0)
+    sp.add_argument("--clip-contribution-pct", type=finite_float, default=10.0)
     sp.add_argument("--jitter", type=int, default=8)
 
     sp = sub.add_parser("invert", help="feature inversion: an image with the same embedding")
     _common(sp, 224, 200, True)
     sp.add_argument("--layer", default="fc7")
-    sp.add_argument("--tv-weight", type=float, default=5.0)
-    sp.add_argument("--tv-beta", type=float, default=2.0)
+    sp.add_argument("--tv-weight", type=finite_float, default=5.0)
+    sp.add_argument("--tv-beta", type=finite_float, default=2.0)
 
     sp = sub.add_parser("featvis", help="feature visualisation of units (the catalogue's implementation)")
     _common(sp, 128, 128, False)
@@ -123,7 +132,6 @@ def add_arguments(p) -> None:
 
 def input_files(args) -> list[str]:
     """Image paths from the positional arguments (files or folders) or --data, --limit applied."""
-    from engine.errors import InputError
     from engine.images import list_images
 
     paths = []
@@ -169,9 +177,7 @@ def _kw(args, **extra) -> dict:
 
 def plan(args, model) -> tuple[list[dict], dict | None]:
     """The kind's jobs (or fast style's one training + folder) from the parsed arguments."""
-    from engine.errors import InputError
-
-    record = _ints(args.record)
+    record = _ints(args.record, "--record")
     if args.kind == "classvis":
         classes = [int(c) if c.strip().isdigit() else model.classes.index_of.get(c.strip(), -1)
                    for c in args.classes.split(",")]
@@ -186,7 +192,7 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
         layer = model.resolve(args.layer)
         return [{"name": f"{layer}-{c}", "params": {"layer": layer, "channel": c, "size": args.size,
                                                     **_kw(args), "record": record}}
-                for c in _ints(args.channels)], None
+                for c in _ints(args.channels, "--channels")], None
     images = _usable(input_files(args))
     if args.kind == "dream":
         p = _kw(args, size=args.size, layer=model.resolve(args.layer), channel=args.channel, octaves=args.octaves,
@@ -204,11 +210,11 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
         raise InputError("a --style image cannot be read")
     if args.kind == "style":
         jobs = []
-        for sw in _floats(args.style_weight):
+        for sw in _floats(args.style_weight, "--style-weight"):
             p = _kw(args, size=args.size, style_weight=sw, content_weight=args.content_weight,
                     tv_weight=args.tv_weight, style_scale=args.style_scale, init=args.init,
                     preserve_color=args.preserve_color, optimizer=args.optimizer, record=record,
-                    blend=_floats(args.blend) if args.blend else None,
+                    blend=_floats(args.blend, "--blend") if args.blend else None,
                     style_layers=args.style_layers.split(",") if args.style_layers else None,
                     content_layer=args.content_layer)
             suffix = f"-sw{sw:g}" if "," in args.style_weight else ""
@@ -216,7 +222,7 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
         return jobs, None
     train = _usable(input_files(argparse.Namespace(images=[args.train_data], data=None, limit=args.limit))) \
         if args.train_data else images
-    apply_style = _floats(args.apply_style)
+    apply_style = _floats(args.apply_style, "--apply-style")
     fast = {"name": args.name, "styles": styles, "train_images": train,
             "params": _kw(args, size=args.train_size, width=args.width, blocks=args.blocks,
                           style_weight=args.style_weight),
