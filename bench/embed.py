@@ -171,7 +171,7 @@ def bench_tsne(n: int, trust_sample: int) -> list[str]:
         t_ours, (ours, t_prep) = timed(our_tsne, x, perplexity)
         tr_ours = trustworthiness(x, ours, K, sample=trust_sample, seed=0)
         lines.append(f"| t-SNE, cosine, N={n:,}, {iterations} | FAISS graph + openTSNE, affinities "
-                     f"{describe_affinities(perplexity)}: {t_ours:.1f} (graph + PCA {t_prep:.1f}), trust {tr_ours:.4f} "
+                     f"{describe_affinities(n, perplexity)}: {t_ours:.1f} (graph + PCA {t_prep:.1f}), trust {tr_ours:.4f} "
                      f"| sklearn TSNE (perplexity 30) {t_sk:.1f}, trust {tr_sk:.4f} | {ratio(t_sk, t_ours)} "
                      f"| trust. diff {tr_ours - tr_sk:+.4f} ({sample}) |")
     return lines

@@ -74,7 +74,8 @@ def feature_space(vectors: np.ndarray, kind: str = "auto", metric: str = "l2", k
     """Index `vectors`, build their kNN graph (self excluded) and, with `with_maps`, PCA and t-SNE.
 
     One FAISS search serves both the stored graph (k) and the t-SNE affinities
-    (`maps.tsne_neighbours`; `perplexity` None: uniform ones, see `maps.tsne_map`). Approximate indices are measured against exact search (recall@`recall_k`).
+    (`maps.tsne_neighbours`; `perplexity` None: uniform ones, see `maps.tsne_map`).
+    Approximate indices are measured against exact search (recall@`recall_k`).
     Cosine spaces are centred on the dataset mean first (`faiss_index.cosine_centre`): the
     index, graph, maps and their trustworthiness all live in that one space.
     """

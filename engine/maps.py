@@ -102,9 +102,12 @@ def tsne_neighbours(n: int, perplexity: float | None = None, uniform_k: int = UN
     return int(min(n - 1, wanted))
 
 
-def describe_affinities(perplexity: float | None) -> str:
-    """What the map's affinities were, for the store and the report."""
-    return f"uniform on the {UNIFORM_NEIGHBOURS}-NN graph" if perplexity is None else f"Gaussian, perplexity {perplexity:g}"
+def describe_affinities(n: int, perplexity: float | None, uniform_k: int = UNIFORM_NEIGHBOURS) -> str:
+    """What the affinities of a map of `n` points were (after the caps for small n), for the
+    store and the report."""
+    if perplexity is None:
+        return f"uniform on the {tsne_neighbours(n, None, uniform_k)}-NN graph"
+    return f"Gaussian, perplexity {tsne_perplexity(n, perplexity):g}"
 
 
 def tsne_map(index, graph: tuple[np.ndarray, np.ndarray], metric: str, init_xy: np.ndarray,

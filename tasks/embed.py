@@ -78,7 +78,7 @@ def embed_space(store_path: str, job: str, name: str, source: str, kind: str, me
     facts = {"space": name, "source": source, "images": int(len(rows)), "kind": space.kind, "metric": metric,
              "k": int(space.knn_index.shape[1]), "recall@10": space.recall, "trust_pca": space.trust_pca,
              "trust_tsne": space.trust_tsne, "pca_explained": space.pca_explained,
-             "affinities": describe_affinities(perplexity) if space.tsne is not None else None,
+             "affinities": describe_affinities(len(rows), perplexity) if space.tsne is not None else None,
              "gpu": gpu_count() > 0, "timings": space.timings}
     write_space(store, name, space, rows, len(manifest), {**provenance, **facts, "index_file": index_file.name})
     store.mark_shard_done(job, 0, fp, facts)

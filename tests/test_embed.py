@@ -148,6 +148,16 @@ def test_default_uniform_affinities_keep_neighbourhoods_better_than_perplexity_3
     assert continuity(ours) > continuity(gaussian), (continuity(ours), continuity(gaussian))
 
 
+def test_stored_affinities_say_what_a_small_map_used():
+    """On few points the neighbours are capped (n - 1, and perplexity (n - 1) / 3 for Gaussian
+    ones); the store and report give the numbers the map was made with."""
+    from engine.maps import describe_affinities
+
+    assert describe_affinities(8, None) == "uniform on the 7-NN graph"
+    assert describe_affinities(250, None) == "uniform on the 15-NN graph"
+    assert describe_affinities(40, 30.0) == "Gaussian, perplexity 13"
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "measured trustworthiness@10 0.839-0.847 over 3 seeds in the job's space (fc7 centred on its mean, cosine) "
     "with the default uniform 15-NN affinities; Gaussian perplexity 30 0.80-0.81 (scikit-learn TSNE on it "
