@@ -417,6 +417,38 @@ def integrated_gradients(model: LoadedModel, x: torch.Tensor, targets: torch.Ten
     return attr, error.to(x.dtype)
 
 
+# Completeness a refined run aims for, and the most steps it may double to. The path integral's
+# error at a fixed number of nodes behaves like noise that falls with the steps (every 25th
+# shared image, adaptive rule, mean-colour baseline: 1/10 within 1% at 64 steps, 9/10 at 128,
+# 10/10 at 256; blurred baseline 7/10 at 64), so refining only the images over it costs ~3x
+# the 64-step pass on the default baseline instead of 4x for 256 steps everywhere.
+IG_TOLERANCE = 0.01
+IG_MAX_STEPS = 256
+
+
+def refined_integrated_gradients(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor,
+                                 tolerance: float = IG_TOLERANCE, max_steps: int = IG_MAX_STEPS, steps: int = 64,
+                                 probes: int = 64, baseline: torch.Tensor | float | str = 0.0, **params
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`integrated_gradients`, then the images whose completeness error is over `tolerance`
+    integrated again with twice the steps and probes, batched, until within it or at
+    `max_steps`; a refined image keeps its latest (most accurate in expectation) result, not
+    the one with the smaller error. Returns attributions, errors and steps used [B]."""
+    attr, error = integrated_gradients(model, x, targets, baseline, steps, probes=probes, **params)
+    used = torch.full((len(x),), steps, dtype=torch.int32)
+    per_image = isinstance(baseline, torch.Tensor) and baseline.dim() == x.dim() and len(baseline) == len(x)
+    while 2 * steps <= max_steps:
+        todo = torch.nonzero(error > tolerance)[:, 0]
+        if not len(todo):
+            break
+        steps, probes = 2 * steps, 2 * probes
+        base = baseline[todo] if per_image else baseline
+        attr[todo], error[todo] = integrated_gradients(model, x[todo], targets[todo], base, steps, probes=probes,
+                                                       **params)
+        used[todo] = steps
+    return attr, error, used
+
+
 def smoothgrad(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, samples: int = 16,
                noise: float = 0.15, chunk: int = 32, seed: int = 0) -> torch.Tensor:
     """Mean |dS_t/dI| over `samples` copies of x with Gaussian noise of std `noise` x (max - min)
@@ -481,8 +513,8 @@ def explain(method: str, model: LoadedModel, x: torch.Tensor, targets: torch.Ten
             **params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One method's maps [B, H, W] and its per-image extras (IG: completeness error)."""
     if method == "integrated_gradients":
-        attr, error = integrated_gradients(model, x, targets, chunk=chunk, **params)
-        return attr.sum(1), {"completeness_error": error}
+        attr, error, steps = refined_integrated_gradients(model, x, targets, chunk=chunk, **params)
+        return attr.sum(1), {"completeness_error": error, "steps": steps}
     fns = {"saliency": saliency, "guided_backprop": guided_backprop, "gradcam": gradcam,
            "guided_gradcam": guided_gradcam, "cam": cam, "occlusion": occlusion, "smoothgrad": smoothgrad}
     if method not in fns:

@@ -10,6 +10,7 @@ Store layout written here:
   /explain_info/scores/<method>        float32 [N, 5]: deletion, insertion, road_morf, road_lerf, road
   /explain_info/scores/random          the same for a random ordering (the reference)
   /explain_info/integrated_gradients_completeness_error   float32 [N]
+  /explain_info/integrated_gradients_steps                int32 [N]: steps after refinement
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def create_arrays(store: Store, n: int, shard_size: int, side: int, methods: lis
     if "integrated_gradients" in methods:
         store.create_array(f"{INFO}/integrated_gradients_completeness_error", (n,), "float32", chunks=(rows,),
                            attrs=attrs)
+        store.create_array(f"{INFO}/integrated_gradients_steps", (n,), "int32", chunks=(rows,), attrs=attrs)
     for method in methods:
         store.create_array(f"{JOB}/{method}", (n, side, side), "float16", chunks=(chunk, side, side),
                            attrs={**attrs, "method": method})
@@ -88,6 +90,8 @@ def summarize(store: Store, methods: list[str], steps: int) -> dict:
             err = store.read(f"{INFO}/integrated_gradients_completeness_error")[explained]
             facts["completeness_error_median"] = float(np.median(err))
             facts["completeness_error_max"] = float(np.max(err))
+            used = store.read(f"{INFO}/integrated_gradients_steps")[explained]
+            facts["steps_median"], facts["steps_max"] = float(np.median(used)), int(np.max(used))
         summary[name] = facts
         if name != REFERENCE:
             store.update_attrs(f"{JOB}/{name}", faithfulness=facts)
@@ -108,6 +112,10 @@ def run_explain(opts: RunOptions, store: Store, methods: str | list[str], target
     methods = attribution.parse_methods(methods)
     target = attribution.parse_target(target)
     params = params or {}
+    if "integrated_gradients" in methods:  # the refinement's settings in the attrs and the run key, defaults included
+        params = {**params, "integrated_gradients": {"tolerance": attribution.IG_TOLERANCE,
+                                                     "max_steps": attribution.IG_MAX_STEPS,
+                                                     **params.get("integrated_gradients", {})}}
     if segment_with == "auto":
         segment_with = "saliency" if "saliency" in methods else methods[0]
     check_methods(opts, methods, segment_with)

@@ -17,7 +17,7 @@ def test_explain_flow_stores_maps_scores_masks_and_report(prefect_api, demo_data
     opts = RunOptions(data=str(demo_data), store=str(tmp_path / "e.zarr"), report=str(tmp_path / "report"),
                       batch_size=2, shard_size=2)
     args = dict(methods="saliency,gradcam,cam,integrated_gradients", target="pred", steps=3, max_images=3,
-                params={"integrated_gradients": {"steps": 4}})
+                params={"integrated_gradients": {"steps": 4, "max_steps": 8}})
     result = explain_flow(opts, **args)
     store = Store(result["store"], mode="r")
     n = len(store.read_manifest())
@@ -38,16 +38,21 @@ def test_explain_flow_stores_maps_scores_masks_and_report(prefect_api, demo_data
     expected = A.saliency(model, x, torch.tensor([int(target[0])]))[0]
     assert np.abs(store.read("explain/saliency")[0].astype(np.float32) - (expected / expected.max()).numpy()).max() < 2e-3
 
-    # IG's completeness error per image: the engine's for that image, in the store and on the page
+    # IG's completeness error and steps per image: the engine's for that image (refined from 4 to
+    # at most 8 steps where over 1%), in the store and on the page
     error = store.read("explain_info/integrated_gradients_completeness_error")
-    _, expected_error = A.integrated_gradients(model, x, torch.tensor([int(target[0])]), steps=4)
+    used = store.read("explain_info/integrated_gradients_steps")
+    _, expected_error, expected_steps = A.refined_integrated_gradients(model, x, torch.tensor([int(target[0])]),
+                                                                       steps=4, max_steps=8)
     assert abs(float(error[0]) - float(expected_error[0])) < 1e-3 * max(1.0, float(expected_error[0]))
+    assert used.dtype == np.int32 and used[0] == expected_steps[0] and set(used[:3]) <= {4, 8} and (used[3:] == 0).all()
+    assert store.attrs("explain")["params"]["integrated_gradients"] == {"steps": 4, "max_steps": 8, "tolerance": 0.01}
 
     report = tmp_path / "report"
     html = (report / "explain.html").read_text()
     assert "random" in html and "deletion AUC" in html
     page = (report / "explain" / "images-1.html").read_text()
-    assert all(f"completeness error {100 * float(e):.1f}%" in page for e in error[:3])
+    assert all(f"completeness error {100 * float(e):.1f}% at {n} steps" in page for e, n in zip(error[:3], used[:3]))
     assert page.count('loading="lazy"') >= 3 * 5
     assert len(list((report / "explain" / "gradcam").glob("*.jpg"))) == 3
 
@@ -66,7 +71,9 @@ def test_cli_rejects_bad_methods_and_targets(tmp_path, demo_data):
                   ["--methods", "integrated_gradients", "--ig-rule", "riemann_left", "--ig-steps", "1"],
                   ["--methods", "integrated_gradients", "--ig-probes", "0"],
                   ["--methods", "integrated_gradients", "--ig-baseline", "grey"],
-                  ["--methods", "integrated_gradients", "--ig-baseline", "nan"]):
+                  ["--methods", "integrated_gradients", "--ig-baseline", "nan"],
+                  ["--methods", "integrated_gradients", "--ig-max-steps", "32"],
+                  ["--methods", "integrated_gradients", "--ig-tolerance", "-0.01"]):
         out = subprocess.run(neurocat_cmd() + ["explain", "--data", str(demo_data), *extra], capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 2, (extra, out.stderr[-2000:])

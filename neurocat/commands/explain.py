@@ -23,6 +23,12 @@ def add_arguments(p) -> None:
                    help="integrated gradients: baseline, a value after normalisation (default 0 = mean colour, "
                         "Captum's), black (the IG paper's), or blur (the image blurred, Gaussian sigma 16 px at "
                         "224); black and blur integrate more accurately on this net (bench/RESULTS.md)")
+    g.add_argument("--ig-tolerance", type=finite_float,
+                   help="integrated gradients: images whose completeness error is over this are integrated again "
+                        "with twice the steps and probes, up to --ig-max-steps (default 0.01)")
+    g.add_argument("--ig-max-steps", type=int,
+                   help="integrated gradients: the most steps refinement doubles to (default 256; equal to --ig-steps: "
+                        "no refinement)")
     g.add_argument("--smoothgrad-samples", type=int, default=16)
     g.add_argument("--smoothgrad-noise", type=finite_float, default=0.15, help="noise std / (max - min) of the image")
     g.add_argument("--occlusion-patch", type=int, default=32)
@@ -45,10 +51,15 @@ def method_params(args) -> dict:
             (args.max_images is not None and args.max_images < 1):
         raise InputError("--ig-steps, --ig-probes, --smoothgrad-samples and --max-images must be positive, "
                          "--faithfulness-steps not negative")
+    if (args.ig_tolerance is not None and args.ig_tolerance < 0) or \
+            (args.ig_max_steps is not None and args.ig_max_steps < args.ig_steps):
+        raise InputError("--ig-tolerance must not be negative, --ig-max-steps not below --ig-steps")
+    refine = {"tolerance": args.ig_tolerance, "max_steps": args.ig_max_steps}  # unset: the engine's defaults
     return {
         "gradcam": {"layer": args.layer}, "guided_gradcam": {"layer": args.layer},
         "integrated_gradients": {"steps": args.ig_steps, "baseline": check_ig_baseline(args.ig_baseline),
-                                 "rule": args.ig_rule, "probes": args.ig_probes},
+                                 "rule": args.ig_rule, "probes": args.ig_probes,
+                                 **{k: v for k, v in refine.items() if v is not None}},
         "smoothgrad": {"samples": args.smoothgrad_samples, "noise": args.smoothgrad_noise},
         "occlusion": {"patch": args.occlusion_patch, "stride": args.occlusion_stride,
                       "baseline": args.occlusion_baseline},

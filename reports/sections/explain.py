@@ -46,7 +46,8 @@ def faithfulness_rows(attrs: dict, methods: list[str]) -> list[dict]:
     for name in [*methods, "random"]:
         facts = summary.get(name, {})
         row = {"method": name, "scores": {k: facts.get(k) for k in SCORE_LABELS}, "wins": 0, "compared": 0,
-               "completeness": facts.get("completeness_error_median")}
+               "completeness": facts.get("completeness_error_median"),
+               "completeness_max": facts.get("completeness_error_max"), "steps_max": facts.get("steps_max")}
         if name != "random":
             for k in SCORE_LABELS:
                 if facts.get(k) is not None and reference.get(k) is not None:
@@ -71,8 +72,11 @@ def image_rows(site: Site, methods: list[str], explained: np.ndarray) -> list[di
     images_arr = store.array(f"{INFO}/image")
     has_mask = store.has(f"{INFO}/mask")
     scores = {m: store.read(f"{INFO}/scores/{m}") for m in methods if store.has(f"{INFO}/scores/{m}")}
-    completeness = store.read(f"{INFO}/integrated_gradients_completeness_error") \
-        if "integrated_gradients" in methods and store.has(f"{INFO}/integrated_gradients_completeness_error") else None
+    def ig_info(name: str) -> np.ndarray | None:
+        key = f"{INFO}/integrated_gradients_{name}"
+        return store.read(key) if "integrated_gradients" in methods and store.has(key) else None
+
+    completeness, ig_steps = ig_info("completeness_error"), ig_info("steps")
     rows = []
     for start in range(0, len(explained), PER_PAGE):  # a page's worth of rows in memory at a time
         idx = explained[start:start + PER_PAGE]
@@ -87,8 +91,10 @@ def image_rows(site: Site, methods: list[str], explained: np.ndarray) -> list[di
                    "image": site.image(pixels[j], f"explain/img/{i}-{key}.jpg"), "overlays": [], "mask": None}
             for m in methods:
                 deletion = float(scores[m][i, 0]) if m in scores else None
-                error = float(completeness[i]) if m == "integrated_gradients" and completeness is not None else None
-                row["overlays"].append({"method": m, "deletion": deletion, "completeness": error,
+                ig = m == "integrated_gradients"
+                error = float(completeness[i]) if ig and completeness is not None else None
+                steps = int(ig_steps[i]) if ig and ig_steps is not None else None
+                row["overlays"].append({"method": m, "deletion": deletion, "completeness": error, "steps": steps,
                                         "src": site.image(heat_overlay(pixels[j], maps[m][j]),
                                                           f"explain/{m}/{i}-{key}.jpg")})
             if masks is not None:
