@@ -1,11 +1,13 @@
-"""Integrated gradients: the adaptive rule against Gauss-Legendre (Captum's), time and completeness.
+"""Integrated gradients: the adaptive rule against Gauss-Legendre (Captum's), time and completeness;
+and refinement to the completeness tolerance against the adaptive rule at its cap everywhere.
 
 One run, same model, images (every `--every`-th shared image from `--offset`: the
-completeness test's sample by default), steps and chunk; the two rules are timed
-`--repeats` times, interleaved, after one warm-up call each, and the best time counts (the
-machine is shared). Prints per image the completeness error of each rule, then counts,
-medians, maxima, seconds per image and the adaptive/Gauss-Legendre time ratio.
-Usage: python bench/ig_rules.py [--data DIR] [--every K] [--offset O] [--steps S] [--probes P] [--repeats R]
+completeness test's sample by default), steps and chunk; the four are timed `--repeats`
+times, interleaved, after one warm-up call, and the best time counts (the machine is
+shared). Prints per image the completeness error of each, then counts, medians, maxima,
+seconds per image and the time ratios.
+Usage: python bench/ig_rules.py [--data DIR] [--every K] [--offset O] [--steps S] [--probes P] [--max-steps M]
+       [--repeats R]
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--probes", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=256, help="refinement's cap, and the fixed-steps comparison")
+    ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
 
     import numpy as np
@@ -39,25 +42,33 @@ def main() -> None:
     x = model_inputs(model, paths)
     with torch.no_grad():
         t = model.module(x).argmax(1)
-    rules = {"gausslegendre": {}, "adaptive": {"probes": args.probes}}
-    best = {r: float("inf") for r in rules}
+    S, P, M = args.steps, args.probes, args.max_steps
+    runs = {  # name -> the completeness errors of one call over the images
+        "gausslegendre": lambda: A.integrated_gradients(model, x, t, steps=S, rule="gausslegendre")[1],
+        "adaptive": lambda: A.integrated_gradients(model, x, t, steps=S, probes=P)[1],
+        "refined": lambda: A.refined_integrated_gradients(model, x, t, max_steps=M, steps=S, probes=P)[1],
+        f"adaptive@{M}": lambda: A.integrated_gradients(model, x, t, steps=M, probes=P * M // S)[1],
+    }
+    best = {r: float("inf") for r in runs}
     errors = {}
     A.integrated_gradients(model, x[:1], t[:1], steps=2, rule="adaptive", probes=2)  # warm-up: fast form, threads
     for _ in range(args.repeats):
-        for rule, extra in rules.items():
+        for name, run in runs.items():
             start = time.perf_counter()
-            _, errors[rule] = A.integrated_gradients(model, x, t, steps=args.steps, rule=rule, **extra)
-            best[rule] = min(best[rule], time.perf_counter() - start)
-    print(f"{len(x)} images, {args.steps} steps, {args.probes} probes, torch threads {torch.get_num_threads()}")
-    print("image        " + "  ".join(f"{r:>13s}" for r in rules))
+            errors[name] = run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    print(f"{len(x)} images, {S} steps, {P} probes, refined to {100 * A.IG_TOLERANCE:g}% up to {M} steps, "
+          f"torch threads {torch.get_num_threads()}")
+    print("image        " + "  ".join(f"{r:>13s}" for r in runs))
     for i, p in enumerate(paths):
-        print(f"{p.parent.name:12s} " + "  ".join(f"{100 * float(errors[r][i]):12.2f}%" for r in rules))
-    for rule in rules:
-        e = errors[rule].numpy()
-        print(f"{rule:13s} within 1%: {(e <= 0.01).sum()}/{len(e)}  median {100 * np.median(e):.2f}%  "
-              f"max {100 * e.max():.2f}%  {best[rule] / len(x):.2f} s/image")
+        print(f"{p.parent.name:12s} " + "  ".join(f"{100 * float(errors[r][i]):12.2f}%" for r in runs))
+    for name in runs:
+        e = errors[name].numpy()
+        print(f"{name:13s} within 1%: {(e <= 0.01).sum()}/{len(e)}  median {100 * np.median(e):.2f}%  "
+              f"max {100 * e.max():.2f}%  {best[name] / len(x):.2f} s/image")
     print(f"time ratio adaptive / gausslegendre: {best['adaptive'] / best['gausslegendre']:.2f}")
-
+    print(f"time ratio refined / adaptive: {best['refined'] / best['adaptive']:.2f}, "
+          f"refined / adaptive@{M}: {best['refined'] / best[f'adaptive@{M}']:.2f}")
 
 if __name__ == "__main__":
     main()
