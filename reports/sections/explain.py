@@ -72,6 +72,7 @@ def image_rows(site: Site, methods: list[str], explained: np.ndarray) -> list[di
     images_arr = store.array(f"{INFO}/image")
     has_mask = store.has(f"{INFO}/mask")
     scores = {m: store.read(f"{INFO}/scores/{m}") for m in methods if store.has(f"{INFO}/scores/{m}")}
+
     def ig_info(name: str) -> np.ndarray | None:
         key = f"{INFO}/integrated_gradients_{name}"
         return store.read(key) if "integrated_gradients" in methods and store.has(key) else None
