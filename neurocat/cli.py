@@ -178,8 +178,16 @@ def with_runner(flow_fn, opts):
     return flow_fn.with_options(task_runner=runner)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad argument is one line and exit 2, like every other usage error of the CLI
+    (argparse prints the whole usage first); subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="neurocat", description="Dataset-scale CNN interpretability.")
+    parser = ArgumentParser(prog="neurocat", description="Dataset-scale CNN interpretability.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}

@@ -78,8 +78,9 @@ def test_cli_rejects_bad_methods_and_targets(tmp_path, demo_data):
                              text=True, timeout=300)
         assert out.returncode == 2, (extra, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
-    # a number option that float() takes but is no number: argparse's usage and one error line
+    # a number option that float() takes but is no number
     out = subprocess.run(neurocat_cmd() + ["explain", "--data", str(demo_data), "--methods", "occlusion",
                                            "--occlusion-baseline", "inf"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "--occlusion-baseline: not a finite number: 'inf'" in out.stderr, out.stderr
+    assert out.stderr.strip().count("\n") == 0, out.stderr
 
