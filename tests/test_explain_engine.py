@@ -197,7 +197,7 @@ def adaptive_errors(model, completeness_sample):
                    "7/10 (median 0.57%, max 2.91%); a blurred one (sigma 16 px) 8/10 (0.76%, 1.54%), held out 7/10; "
                    "noise 2/10; F = softmax probability 3/10, log-probability 4/10 (bench/RESULTS.md). Not at 64 steps but "
                    "per image: refinement (A.refined_integrated_gradients, the explain job's default) doubles the "
-                   "steps of the images over 1%: 10/10 within it at <= 256 steps, ~3x the 64-step time")
+                   "steps of the images over 1%: 10/10 within it at <= 256 steps, 2.2-3.2x the 64-step time")
 def test_integrated_gradients_completeness_within_1_percent_at_64_steps(completeness_sample, adaptive_errors):
     names = completeness_sample[2]
     assert (adaptive_errors <= 0.01).all(), dict(zip(names, adaptive_errors.round(4)))
