@@ -12,7 +12,8 @@ def add_arguments(p) -> None:
                         f"integrated_gradients, smoothgrad (default {DEFAULT_METHODS})")
     g.add_argument("--target", default="pred", help="class to explain: pred | label | a class index (default pred)")
     g.add_argument("--layer", help="Grad-CAM layer (default: the activation a GAP net pools, else last_conv)")
-    g.add_argument("--ig-steps", type=int, default=64, help="integrated gradients: quadrature nodes, before any refinement (default 64)")
+    g.add_argument("--ig-steps", type=int, default=64,
+                   help="integrated gradients: quadrature nodes, before any refinement (default 64)")
     g.add_argument("--ig-rule", default="adaptive",
                    help="integrated gradients: quadrature rule, adaptive (default: nodes placed where the score "
                         "moves along the path, found by --ig-probes extra forward passes per image), "
