@@ -209,10 +209,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def _print_result(result: dict, as_json: bool) -> None:
+    """One JSON object, or `key: value` lines that end with the store and report paths (the
+    report's is the last line, the one to open)."""
     if as_json:
         print(json.dumps(result, default=str))
         return
-    for key, value in result.items():
+    last = ("store", "report")
+    for key, value in sorted(result.items(), key=lambda kv: last.index(kv[0]) + 1 if kv[0] in last else 0):
         if isinstance(value, (dict, list)):
             value = json.dumps(value, default=str)
         print(f"{key}: {value}")

@@ -124,3 +124,12 @@ def test_empty_folder_gives_empty_report(prefect_api, tmp_path):
     result = predict_flow(RunOptions(data=str(tmp_path / "empty"), store=str(tmp_path / "e.zarr")))
     assert result["images"] == 0
     assert "no usable image" in (tmp_path / "e-report" / "index.html").read_text()
+
+
+def test_text_result_ends_with_the_store_and_report_paths(capsys):
+    """`make demo` (and every command without --json) ends with the report's path, the line to open."""
+    from neurocat.cli import _print_result
+
+    _print_result({"store": "s.zarr", "report": "r/index.html", "images": 3, "faithfulness": {"a": 1}}, False)
+    assert capsys.readouterr().out.splitlines() == ["images: 3", 'faithfulness: {"a": 1}', "store: s.zarr",
+                                                    "report: r/index.html"]
