@@ -24,14 +24,15 @@ That reuse needs the main arena (the brk heap): a thread arena's heaps are at mo
 so a larger block (a batch of 32 at 112x112: 154 MB) is mapped afresh in any thread that
 has one, M_MMAP_MAX or not. Shard tasks run on task-runner threads, so the arena cap is 1
 and must be in place before those threads first allocate: `tune_malloc` runs when the CLI
-starts and when `flows` is imported, and Dask workers and deployments start with
-MALLOC_ARENA_MAX=1 in their environment (`MALLOC_ENV`). Measured on the 2-core VM
-(2026-12-03): the catalogue's statistics loop on a thread, 1,024 files, 2.7-3.1 M page
-faults and 61-65 images/s with two arenas, 9 k and 89-90 with one; the pass-1 forward on a
-thread of a fresh process ~120 k faults per batch untuned, 0 once `flows` is imported
-(tests/test_memory.py; 38-114 k while `flows` set the cap after pandas' import, whose thread
-had made a second arena, so that task threads could land on it); a 4,000-file catalogue in process, statistics pass 56-61 s (7 runs)
-before, 52.9-53.4 s with the cap set on import, 47.3-50.0 s with it set before any import.
+starts and when the `flows` package is imported (before its modules import pandas, whose
+import starts a thread: with a second arena in place, a task thread may be handed that one),
+and Dask workers and deployments start with MALLOC_ARENA_MAX=1 in their environment
+(`MALLOC_ENV`). Measured on the 2-core VM (2026-12-03): the catalogue's statistics loop on a
+thread, 1,024 files, 2.7-3.1 M page faults and 61-65 images/s with two arenas, 9 k and 89-90
+with one; a 4,000-file catalogue in process, statistics pass 56-61 s (7 runs) before,
+52.9-53.4 s with the cap set after pandas' import, 47.3-50.0 s with it set before any import.
+The pass-1 forward on a thread of a fresh process (tests/test_memory.py, 2026-12-07): ~120 k
+faults per batch untuned, 0 once `flows` is imported (38-114 k with the cap after pandas').
 All no-ops off glibc.
 """
 
