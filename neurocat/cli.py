@@ -2,8 +2,8 @@
 
 A command module defines `HELP`, `add_arguments(parser)` and `run(args) -> dict`; job
 commands (`JOB = True`) also get the common options and run a Prefect flow (other commands
-that run one say `FLOW = True`: Prefect's API server is started early for both, and a flow
-runs through `with_runner` or after `wait_for_api`). The dict it
+that run one say `FLOW = True`: with no API configured, a temporary Prefect server is
+started early for both, and a flow runs through `with_runner` or after `wait_for_api`). The dict it
 returns is printed as `key: value` lines, or as one JSON object with `--json`.
 Exit codes: 0 success, 2 bad arguments or unusable input, 1 internal error.
 """
@@ -11,17 +11,18 @@ Exit codes: 0 success, 2 bad arguments or unusable input, 1 internal error.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import json
 import math
 import os
+import socket
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 import traceback
-from concurrent.futures import Future
-from contextvars import copy_context
 
 from neurocat.prefect_env import prefect_defaults
 
@@ -41,60 +42,81 @@ def _prepare_environment(verbose: bool) -> None:
             os.environ["PREFECT_API_URL"] = url
 
 
-class EarlyApiServer:
-    """Prefect's ephemeral API server, started on a thread while the command imports and
-    checks its input (its start is a process of its own, ~5 s here, beside ~3-4 s of
-    imports), instead of when the first flow runs. Flows run after `wait`; a command that
-    ends without running one `discard`s it (killed: stopping a server whose services are
-    still starting makes it print a traceback).
+class TemporaryApiServer:
+    """Prefect's API for one command when none is configured: the server process Prefect's
+    ephemeral mode runs (uvicorn on `create_app`, UI off, the same database), started here
+    as soon as the settings are read, so it comes up (~4 s) while the command imports torch
+    and its flow, and without importing prefect.server into this process (~3 s of CPU that
+    Prefect's own ephemeral start spends first). The command talks to it as to any server
+    (`PREFECT_API_URL`, in the settings and in the environment of the processes it starts);
+    it is stopped at exit, and killed at once if no flow used it.
     """
 
     def __init__(self):
-        # imported here, not on the thread: a module imported by two threads at once can be
-        # seen half-initialised by one of them
-        from prefect.server.api.server import SubprocessASGIServer
+        import prefect
+        from prefect.settings import get_current_settings
 
-        self.server = SubprocessASGIServer()  # the instance Prefect's client will find, already up
-        self.started: Future = Future()
+        with socket.socket() as s:  # a port the system just gave out: free, and not handed out again soon
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
         self.used = False  # a flow waited for it
-        threading.Thread(target=copy_context().run, args=(self._start,), name="prefect-api", daemon=True).start()
-
-    def _start(self) -> None:
-        try:
-            self.server.start()
-            self.started.set_result(None)
-        except BaseException as e:  # noqa: BLE001 - raised again by wait
-            self.started.set_exception(e)
+        self.log = tempfile.TemporaryFile()  # its output, for the message if it fails to start
+        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        atexit.register(self.stop)
 
     def wait(self) -> None:
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
         self.used = True
-        self.started.result()
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        while not _server_alive(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.log.seek(0)
+                tail = self.log.read().decode(errors="replace").strip().splitlines()[-5:]
+                state = (f"exited with code {self.process.returncode}" if self.process.poll() is not None
+                         else "did not answer in time")
+                raise RuntimeError(f"Prefect's temporary API server at {self.url} {state}: " + " | ".join(tail))
+            time.sleep(0.05)
 
-    def discard(self) -> None:
-        while not self.started.done() and self.server.server_process is None:
-            time.sleep(0.01)  # until start() has spawned it
-        if self.server.server_process is not None:
-            self.server.server_process.kill()
-        self.server.stop()  # reaps it, and Prefect's exit handler then has nothing to stop
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            # unused, it may still be starting, and its services print tracebacks when stopped then
+            (self.process.terminate if self.used else self.process.kill)()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
-_early_api: EarlyApiServer | None = None
+_temporary_api: TemporaryApiServer | None = None
 
 
-def _start_api_server() -> None:
-    """An EarlyApiServer, unless an API is configured (a server, or the test harness's
-    settings), as Prefect's own client decides."""
-    global _early_api
-    from prefect.settings import PREFECT_API_URL
+def _start_api_server() -> contextlib.AbstractContextManager:
+    """A TemporaryApiServer unless an API is configured (a server, a profile's, or the test
+    harness's settings), as Prefect's own client decides; the settings that point to it
+    while the command runs."""
+    global _temporary_api
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if not PREFECT_API_URL.value():
-        _early_api = EarlyApiServer()
+    if PREFECT_API_URL.value():
+        return contextlib.nullcontext()
+    _temporary_api = TemporaryApiServer()
+    os.environ["PREFECT_API_URL"] = _temporary_api.url  # for the processes the command starts (Dask workers)
+    return temporary_settings(updates={PREFECT_API_URL: _temporary_api.url})
 
 
 def wait_for_api() -> None:
-    """Before a flow runs: block until the early-started API server answers (if one was started)."""
-    if _early_api is not None:
-        _early_api.wait()
+    """Before a flow runs: block until the temporary API server answers (if one was started)."""
+    if _temporary_api is not None:
+        _temporary_api.wait()
 
 
 def _server_alive(url: str) -> bool:
@@ -242,11 +264,12 @@ def main(argv: list[str] | None = None) -> int:
 
     real_stdout = sys.stdout
     try:
+        api = contextlib.nullcontext()
         if getattr(command, "JOB", False) or getattr(command, "FLOW", False):
             check_options(args)  # the usual mistakes, reported before the server starts
-            _start_api_server()
+            api = _start_api_server()
         # keep stdout clean for --json: anything a library prints goes to stderr
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        with api, contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             result = command.run(args)
     except (InputError, StoreLockedError) as e:
         print(f"neurocat: error: {e}", file=sys.stderr)
@@ -258,9 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("neurocat: internal error (above); please report it", file=sys.stderr)
         return 1
-    finally:
-        if _early_api is not None and not _early_api.used:
-            _early_api.discard()
     sys.stdout = real_stdout
     _print_result(result or {}, args.json)
     return 0

@@ -1,7 +1,9 @@
 """`neurocat predict` end to end: accuracy, agreement with a plain torch loop, bad inputs, CLI."""
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -91,16 +93,19 @@ def processes_with_home(home) -> list[int]:
 
 
 def test_cli_without_an_api_runs_on_its_own_server_and_leaves_none(tmp_path, demo_data):
-    """No API configured: the CLI starts Prefect's ephemeral server early (while it imports), a
-    job runs on it; a command that fails after the start kills it quietly. Either way no
-    server outlives the command."""
+    """No API configured: the CLI starts Prefect's temporary server early (while it imports), a
+    job runs on it, in the database of the Prefect home; a command that fails after the start
+    kills it quietly. Either way no server outlives the command."""
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
     ok = subprocess.run(neurocat_cmd() + ["predict", "--data", str(demo_data), "--limit", "4", "--store",
                                           str(tmp_path / "p.zarr"), "--json"], env=env, capture_output=True, text=True,
                         timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert json.loads(ok.stdout)["images"] == 4 and (home / "prefect.db").exists()
+    assert json.loads(ok.stdout)["images"] == 4
+    with contextlib.closing(sqlite3.connect(home / "prefect.db")) as db:  # the run is on record there
+        runs = db.execute("SELECT flow.name, flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_id").fetchall()
+    assert runs == [("predict", "COMPLETED")]
     assert processes_with_home(home) == []
     bad = subprocess.run(neurocat_cmd() + ["catalog", "--data", str(demo_data), "--layers", "nope"], env=env,
                          capture_output=True, text=True, timeout=300)
