@@ -104,13 +104,14 @@ def _start_api_server() -> contextlib.AbstractContextManager:
     harness's settings), as Prefect's own client decides; the settings that point to it
     while the command runs."""
     global _temporary_api
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         return contextlib.nullcontext()
     _temporary_api = TemporaryApiServer()
     os.environ["PREFECT_API_URL"] = _temporary_api.url  # for the processes the command starts (Dask workers)
-    return temporary_settings(updates={PREFECT_API_URL: _temporary_api.url})
+    # no UI: no "View at <url>" links to it in the flow's log
+    return temporary_settings(updates={PREFECT_API_URL: _temporary_api.url, PREFECT_UI_URL: ""})
 
 
 def wait_for_api() -> None:
