@@ -280,10 +280,10 @@ def path_baseline(model: LoadedModel, x: torch.Tensor, baseline: torch.Tensor | 
         zeros = torch.zeros((1, *x.shape[2:], 3), dtype=torch.uint8, device=x.device)
         return model.preprocessing.normalize(zeros).to(x.dtype).expand_as(x)
     if baseline == "blur":
-        from torchvision.transforms.functional import gaussian_blur
+        from engine.filters import gaussian_blur
 
         sigma = BLUR_SIGMA * min(x.shape[-2:])
-        return gaussian_blur(x, [2 * int(3 * sigma) + 1] * 2, [sigma, sigma])
+        return gaussian_blur(x, sigma, radius=int(3 * sigma))
     return torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
 
 

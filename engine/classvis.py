@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.filters import gaussian_blur
 from engine.models import LoadedModel
 from engine.optvis import objectives as obj
 from engine.optvis.param import ImageParam, PixelParam, image_to_tensor
@@ -31,14 +32,6 @@ def l2_decay(theta: float):
         with torch.no_grad():
             param.pixels.sub_(0.5).mul_(1 - theta).add_(0.5)
     return hook
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    r = max(1, int(round(3 * sigma)))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma * sigma))
-    k = (k / k.sum()).to(x.device)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
 
 
 def blur_every(every: int, sigma: float):

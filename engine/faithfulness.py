@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
+from engine.filters import gaussian_blur
 from engine.inference import run_model
 from engine.models import LoadedModel
 
@@ -27,8 +27,12 @@ ROAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 SCORES = ("deletion", "insertion", "road_morf", "road_lerf", "road")
 BETTER = {"deletion": "lower", "insertion": "higher", "road_morf": "lower", "road_lerf": "higher", "road": "higher"}
 
-# ROAD's imputation weights: direct neighbours 1/6, diagonal neighbours 1/12 (they sum to 1)
-_NEIGHBOURS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
+
+def neighbour_mean_kernel(channels: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """ROAD's weights of each pixel's 8 neighbours (direct 1/6, diagonal 1/12), as a
+    depthwise conv2d weight [channels, 1, 3, 3]."""
+    k = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]], dtype=dtype, device=device)
+    return k.expand(channels, 1, 3, 3).contiguous()
 
 
 def target_probs(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, chunk: int = 32) -> torch.Tensor:
@@ -50,7 +54,7 @@ def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
 
 def blurred(x: torch.Tensor) -> torch.Tensor:
     """The insertion canvas: the image blurred beyond recognition (kernel 11, sigma 5, as RISE)."""
-    return gaussian_blur(x, [11, 11], [5.0, 5.0])
+    return gaussian_blur(x, 5.0, radius=5)
 
 
 def _curve(model, x, targets, ranks, fractions, fill, chunk: int) -> torch.Tensor:
@@ -105,22 +109,20 @@ def impute(x: torch.Tensor, removed: torch.Tensor, iterations: int = 40, noise: 
     """ROAD's noisy linear imputation, batched: removed pixels ([B, 1, H, W], 1 = removed) are
     solved for `value = weighted mean of the 8 neighbours` by Jacobi iterations started from a
     normalised-convolution fill, then get Gaussian noise of std `noise` (normalised units)."""
-    kernel = _NEIGHBOURS.to(x.device, x.dtype).view(1, 1, 3, 3)
-    keep = 1 - removed
     C = x.shape[1]
-
-    def neighbour_mean(v, w):
-        num = F.conv2d((v * w).flatten(0, 1)[:, None], kernel, padding=1).view_as(v)
-        den = F.conv2d(w, kernel, padding=1)
-        return num, den
-
+    # depthwise convs on channels-last tensors: 4x faster on CPU than one-channel maps and a
+    # 2-D blur, which made imputation three quarters of an explain job's time
+    x = x.contiguous(memory_format=torch.channels_last)
+    keep = 1 - removed
+    hole = removed.bool()
     # start: blur of the kept pixels only, at a scale that reaches into large holes
-    wide = gaussian_blur(torch.cat([x * keep, keep], 1), [31, 31], [8.0, 8.0])
-    v = torch.where(removed.bool(), wide[:, :C] / wide[:, C:].clamp(min=1e-6), x)
-    ones = torch.ones_like(removed)
-    for _ in range(iterations):
-        num, den = neighbour_mean(v, ones)
-        v = torch.where(removed.bool(), num / den, x)
+    wide = gaussian_blur(torch.cat([x * keep, keep], 1).contiguous(memory_format=torch.channels_last), 8.0, radius=15)
+    v = torch.where(hole, wide[:, :C] / wide[:, C:].clamp(min=1e-6), x).contiguous(memory_format=torch.channels_last)
+    kernel = neighbour_mean_kernel(C, x.dtype, x.device)
+    inverse_weight = 1 / F.conv2d(torch.ones_like(x[:1]), kernel, padding=1, groups=C)  # 1 inside, more at the border
+    kept, scale = x * keep, removed * inverse_weight
+    for _ in range(iterations):  # holes: the weighted neighbour mean; kept pixels: x (+ 0)
+        v = torch.addcmul(kept, F.conv2d(v, kernel, padding=1, groups=C), scale)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     return v + removed * noise * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from engine import attribution as A
 from engine import faithfulness as Fa
@@ -11,7 +12,7 @@ from engine.backprop_rules import relu_backward_rule
 from engine.errors import InputError
 from engine.hooks import capture, hook_count
 from engine.images import list_images, load_preprocessed
-from engine.segmentation import grabcut_mask
+from engine.segmentation import grabcut_mask, grabcut_masks
 
 FOLDERS = ["n01440764", "n01514859"]  # tench, hen
 
@@ -374,6 +375,46 @@ def test_imputation_is_linear_and_keeps_kept_pixels():
     assert float((filled - ramp).abs().max()) < 1e-3
 
 
+def test_imputation_equals_a_plain_jacobi_solve_with_2d_convolutions():
+    """The depthwise/separable imputation against a direct transcription of ROAD's: a 2-D
+    Gaussian start (torchvision), then Jacobi steps with the 3x3 neighbour kernel as a
+    one-channel conv2d, holes only; same noise."""
+    from torchvision.transforms.functional import gaussian_blur as blur_2d
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 96, 80, generator=gen)
+    removed = (torch.rand(4, 1, 96, 80, generator=gen) > 0.6).float()
+    removed[0, :, 20:70, 10:60] = 1  # a large hole too
+    kernel = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]]).view(1, 1, 3, 3)
+
+    def neighbour_mean(v):
+        num = F.conv2d(v.flatten(0, 1)[:, None], kernel, padding=1).view_as(v)
+        return num / F.conv2d(torch.ones_like(v[:, :1]), kernel, padding=1)
+
+    wide = blur_2d(torch.cat([x * (1 - removed), 1 - removed], 1), [31, 31], [8.0, 8.0])
+    v = torch.where(removed.bool(), wide[:, :3] / wide[:, 3:].clamp(min=1e-6), x)
+    for _ in range(40):
+        v = torch.where(removed.bool(), neighbour_mean(v), x)
+    want = v + removed * 0.02 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    got = Fa.impute(x, removed)
+    assert float((got - want).abs().max()) < 1e-5
+    assert torch.equal(got[(removed == 0).expand_as(x)], x[(removed == 0).expand_as(x)])
+
+
+@pytest.mark.parametrize("sigma,radius", [(8.0, 15), (5.0, 5), (16.0, 48), (1.5, None)])
+def test_separable_gaussian_blur_equals_torchvision(sigma, radius):
+    from torchvision.transforms.functional import gaussian_blur as blur_2d
+
+    from engine.filters import gaussian_blur
+
+    x = torch.randn(2, 4, 120, 100, generator=torch.Generator().manual_seed(1))
+    size = 2 * (radius if radius is not None else round(3 * sigma)) + 1
+    want = blur_2d(x, [size, size], [sigma, sigma])
+    assert float((gaussian_blur(x, sigma, radius) - want).abs().max()) < 1e-5
+    cl = gaussian_blur(x.contiguous(memory_format=torch.channels_last), sigma, radius)
+    assert float((cl - want).abs().max()) < 1e-5
+
+
 def test_pixel_ranks_break_ties_by_index():
     ranks = Fa.pixel_ranks(torch.tensor([[[1.0, 3.0], [3.0, 0.0]]]))
     assert ranks.tolist() == [[[2, 0], [1, 3]]]
@@ -390,3 +431,15 @@ def test_grabcut_finds_a_disk_seeded_by_a_blob():
     iou = (mask & disk).sum() / (mask | disk).sum()
     assert iou > 0.85, iou
     assert not grabcut_mask(image, np.zeros((128, 128))).any()  # a flat map has no seeds
+
+
+def test_grabcut_masks_on_threads_equal_one_image_at_a_time(shared_images):
+    """A batch's masks come from a thread pool; OpenCV's RNG is per thread and seeded per
+    image, so they equal the masks made one by one (real photos, seeded by a centred blob)."""
+    paths = sorted(shared_images.rglob("*.JPEG"))[::50][:5]
+    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((160, 160))) for p in paths])
+    yy, xx = np.mgrid[:160, :160]
+    seeds = np.stack([np.exp(-((yy - 80 + 7 * i) ** 2 + (xx - 80) ** 2) / (2 * 30.0 ** 2)) for i in range(5)])
+    one_by_one = np.stack([grabcut_mask(img, s) for img, s in zip(images, seeds)])
+    assert 0.02 < one_by_one.mean() < 0.98
+    assert np.array_equal(grabcut_masks(images, seeds, threads=3), one_by_one)
