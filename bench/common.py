@@ -23,3 +23,18 @@ def model_inputs(model, paths):
 
     images = np.stack([load_preprocessed(p, model.preprocessing) for p in paths])
     return model.preprocessing.normalize(torch.from_numpy(images))
+
+
+def predicted_inputs(data, every: slice):
+    """The shipped model, a slice (`every`) of `data`'s images in the jobs' order, their
+    model inputs and the model's predictions for them (the explanation benchmarks' targets)."""
+    import torch
+
+    from engine.images import list_images
+    from engine.models import cached_model
+
+    model = cached_model("efficientnet_lite0")
+    paths = [Path(data) / e.path for e in list_images(data)][every]
+    x = model_inputs(model, paths)
+    with torch.no_grad():
+        return model, paths, x, model.module(x).argmax(1)

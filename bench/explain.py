@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from common import SHARED_DATA, model_inputs  # also puts the repository on sys.path
+from common import SHARED_DATA, predicted_inputs  # also puts the repository on sys.path
 
 
 def main() -> None:
@@ -31,14 +30,8 @@ def main() -> None:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from engine import attribution as A
-    from engine.images import list_images
-    from engine.models import cached_model
 
-    model = cached_model("efficientnet_lite0")
-    paths = [Path(args.data) / e.path for e in list_images(args.data)][: args.limit]
-    x = model_inputs(model, paths)
-    with torch.no_grad():
-        targets = model.module(x).argmax(1)
+    model, _, x, targets = predicted_inputs(args.data, slice(args.limit))
     batches = [(x[i:i + args.batch_size], targets[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
     layer = model.module.get_submodule(args.layer)
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from common import SHARED_DATA, model_inputs  # also puts the repository on sys.path
+from common import SHARED_DATA, predicted_inputs  # also puts the repository on sys.path
 
 
 def plain_impute(x, removed, iterations: int = 40, noise: float = 0.02, seed: int = 0):
@@ -42,14 +41,8 @@ def main() -> None:
 
     from engine import attribution as A
     from engine import faithfulness as Fa
-    from engine.images import list_images
-    from engine.models import cached_model
 
-    model = cached_model("efficientnet_lite0")
-    paths = [Path(args.data) / e.path for e in list_images(args.data)][: args.limit]
-    x = model_inputs(model, paths)
-    with torch.no_grad():
-        targets = model.module(x).argmax(1)
+    model, _, x, targets = predicted_inputs(args.data, slice(args.limit))
     maps = A.gradcam(model, x, targets)
     ends = Fa.curve_ends(model, x, targets)
     steps = 10

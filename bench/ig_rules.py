@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from common import SHARED_DATA, model_inputs  # also puts the repository on sys.path
+from common import SHARED_DATA, predicted_inputs  # also puts the repository on sys.path
 
 
 def main() -> None:
@@ -34,14 +33,8 @@ def main() -> None:
     import torch
 
     from engine import attribution as A
-    from engine.images import list_images
-    from engine.models import cached_model
 
-    model = cached_model("efficientnet_lite0")
-    paths = [Path(args.data) / e.path for e in list_images(args.data)][args.offset::args.every]
-    x = model_inputs(model, paths)
-    with torch.no_grad():
-        t = model.module(x).argmax(1)
+    model, paths, x, t = predicted_inputs(args.data, slice(args.offset, None, args.every))
     S, P, M = args.steps, args.probes, args.max_steps
     runs = {  # name -> the completeness errors of one call over the images
         "gausslegendre": lambda: A.integrated_gradients(model, x, t, steps=S, rule="gausslegendre")[1],

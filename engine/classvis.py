@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engine.filters import gaussian_blur
 from engine.models import LoadedModel
