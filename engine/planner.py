@@ -34,14 +34,30 @@ DEVICES = {
     "t4": {"forward_img_s": 1500.0, "backward_x": 3.2, "decode_cores": 4, "mem_gib": 16, "faiss_gflops": 7000.0},
 }
 
-# per-image model passes each job needs: (forward passes, forward+backward passes)
+def explain_passes(methods: int = 5, faithfulness_steps: int = 10, road_fractions: int = 5) -> tuple[float, float]:
+    """Per-image (forward, forward+backward) passes of `neurocat explain`: the prediction, the
+    faithfulness curves' ends (the image, its blurred copy) and, for every method and the
+    random reference, 2 (steps - 1) deletion/insertion points and ROAD's MoRF and LeRF points;
+    about one gradient pass a method (guided Grad-CAM two, CAM a forward only). The curves
+    are nearly all of it: 172 forwards against 5 gradients with the defaults."""
+    curves = (methods + 1) * (2 * (faithfulness_steps - 1) + 2 * road_fractions) if faithfulness_steps else 0
+    return float(1 + (2 if faithfulness_steps else 0) + curves + 1), float(methods)
+
+
+def adversarial_passes(eps_values: int = 4, steps: int = 10) -> tuple[float, float]:
+    """Per-image passes of `neurocat render adversarial`: `steps` gradients per eps (PGD-10
+    at 4 eps by default), and a forward on the clean and on every adversarial image."""
+    return float(1 + eps_values), float(eps_values * steps)
+
+
+# per-image model passes each job needs with its defaults: (forward passes, forward+backward passes)
 JOB_PASSES = {
     "predict": (1, 0),
     "catalog": (1.1, 0),  # second pass: only images in some top/bottom-K list, a small fraction
     "embed": (1, 0),
     "audit": (1, 0.2),  # Grad-CAM for context reliance on a sample
-    "explain": (1, 8),  # saliency, Grad-CAM, guided, SmoothGrad(+), IG steps dominate
-    "adversarial": (1, 10),  # PGD-10
+    "explain": explain_passes(),
+    "adversarial": adversarial_passes(),
 }
 
 

@@ -3,7 +3,9 @@
 import json
 import subprocess
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import neurocat_cmd
 from engine.planner import Calibration, plan
@@ -48,3 +50,72 @@ def test_plan_command(shared_images):
     bad = subprocess.run(neurocat_cmd() + ["plan", "--data", str(shared_images), "--jobs", "dance"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown jobs" in bad.stderr
+
+
+def default_args(*command):
+    """The parsed defaults of a neurocat command (what the planner's pass counts assume)."""
+    from neurocat.cli import build_parser
+
+    parser, _ = build_parser()
+    return parser.parse_args([*command, "--data", "unused"])
+
+
+def count_passes(model, monkeypatch):
+    """Images through the model, counted where they go in: `run_model` (forward only) in the
+    modules that call it, and the eager module (with a graph: a gradient pass; without: a
+    forward); calls pass through unchanged."""
+    from engine import attribution, faithfulness
+
+    rows = {"forward": 0, "gradient": 0}
+    for module in (attribution, faithfulness):
+        def counted(m, x, *args, _run=module.run_model, **kwargs):
+            rows["forward"] += len(x)
+            return _run(m, x, *args, **kwargs)
+        monkeypatch.setattr(module, "run_model", counted)
+
+    def hook(_module, inputs, output):
+        rows["gradient" if output.requires_grad else "forward"] += len(inputs[0])
+    return rows, model.module.register_forward_hook(hook)
+
+
+def test_explain_pass_count_is_what_explain_runs(model, shared_images, monkeypatch):
+    """The planner's explain estimate (172 forwards + 5 gradients an image with the defaults;
+    it said 1 + 8 before, 7x under the measured time) against the passes explain_batch makes."""
+    from engine.explanations import explain_batch
+    from engine.images import list_images, load_preprocessed
+    from engine.planner import JOB_PASSES, explain_passes
+
+    args = default_args("explain")
+    methods = args.methods.split(",")
+    images = torch.from_numpy(np.stack([load_preprocessed(shared_images / e.path, model.preprocessing)
+                                        for e in list_images(shared_images)[:4]]))
+    rows, handle = count_passes(model, monkeypatch)
+    try:
+        explain_batch(model, images, [-1] * 4, methods, steps=args.faithfulness_steps)
+    finally:
+        handle.remove()
+    want = explain_passes(len(methods), args.faithfulness_steps)
+    assert JOB_PASSES["explain"] == want
+    assert rows["gradient"] / 4 == want[1]
+    assert abs(rows["forward"] / 4 - want[0]) <= 0.25  # the all-grey image is one pass for the batch
+
+
+def test_adversarial_pass_count_is_what_the_default_attack_runs(model, shared_images):
+    from engine.attacks import AttackSpec, parse_eps_list, pixel_forward
+    from engine.images import list_images, load_preprocessed
+    from engine.planner import JOB_PASSES
+
+    args = default_args("render", "adversarial")
+    eps = parse_eps_list(args.eps)
+    spec = AttackSpec(args.attack, args.norm, args.steps)
+    x = torch.from_numpy(np.stack([load_preprocessed(shared_images / e.path, model.preprocessing)
+                                   for e in list_images(shared_images)[:2]])).permute(0, 3, 1, 2).float() / 255
+    rows = {"gradient": 0}
+    handle = model.module.register_forward_hook(
+        lambda _m, inputs, output: rows.__setitem__("gradient", rows["gradient"] + len(inputs[0]) * output.requires_grad))
+    try:
+        for e in eps:
+            spec.run(pixel_forward(model), x, torch.zeros(2, dtype=torch.long), e, torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert JOB_PASSES["adversarial"] == (1 + len(eps), rows["gradient"] / 2)
