@@ -39,7 +39,9 @@ def explain_passes(methods: int = 5, faithfulness_steps: int = 10, road_fraction
     faithfulness curves' ends (the image, its blurred copy) and, for every method and the
     random reference, 2 (steps - 1) deletion/insertion points and ROAD's MoRF and LeRF points;
     about one gradient pass a method (guided Grad-CAM two, CAM a forward only). The curves
-    are nearly all of it: 172 forwards against 5 gradients with the defaults."""
+    are nearly all of it: 172 forwards against 5 gradients with the defaults. Model passes
+    only: ROAD's imputation and GrabCut add about half as much again on a CPU (32 shared
+    images here: 82 s measured, 55 s of passes)."""
     curves = (methods + 1) * (2 * (faithfulness_steps - 1) + 2 * road_fractions) if faithfulness_steps else 0
     return float(1 + (2 if faithfulness_steps else 0) + curves + 1), float(methods)
 
@@ -50,12 +52,17 @@ def adversarial_passes(eps_values: int = 4, steps: int = 10) -> tuple[float, flo
     return float(1 + eps_values), float(eps_values * steps)
 
 
-# per-image model passes each job needs with its defaults: (forward passes, forward+backward passes)
+# the audit's spurious-context check: Grad-CAM, then the image, its CAM region and the rest
+# through the model, on up to this many images of each class (flows/audit.py's default)
+AUDIT_CONTEXT_PER_CLASS = 4
+
+# per-image model passes each job needs with its defaults: (forward passes, forward+backward
+# passes); the audit's context sample is added by `plan`, which knows the number of classes
 JOB_PASSES = {
     "predict": (1, 0),
     "catalog": (1.1, 0),  # second pass: only images in some top/bottom-K list, a small fraction
     "embed": (1, 0),
-    "audit": (1, 0.2),  # Grad-CAM for context reliance on a sample
+    "audit": (1, 0),
     "explain": explain_passes(),
     "adversarial": adversarial_passes(),
 }
@@ -85,6 +92,7 @@ def _best_of(repeats: int, fn) -> float:
 def calibrate(model, paths: list, batch_size: int = 16) -> Calibration:
     """Time decode (16 real images), forward and forward+backward (best of a few batches), a GEMM."""
     from engine.images import ImageError, load_preprocessed
+    from engine.inference import run_model
 
     sample = paths[:16]
     t0 = time.perf_counter()
@@ -97,9 +105,9 @@ def calibrate(model, paths: list, batch_size: int = 16) -> Calibration:
             continue
     decode_s = (time.perf_counter() - t0) / max(1, decoded) if sample else 0.01
     x = torch.randn(batch_size, 3, model.preprocessing.crop, model.preprocessing.crop)
-    with torch.inference_mode():
-        model.module(x[:2])
-        forward_s = _best_of(3, lambda: model.module(x)) / batch_size
+    with torch.inference_mode():  # the jobs' forward path (engine.inference: the fast form)
+        run_model(model, x[:2])
+        forward_s = _best_of(3, lambda: run_model(model, x)) / batch_size
     xb = x[: max(2, batch_size // 2)].clone().requires_grad_(True)
     backward_s = _best_of(2, lambda: model.module(xb).max(dim=1).values.sum().backward()) / len(xb)
     a = np.random.default_rng(0).standard_normal((1024, 1280), dtype=np.float32)
@@ -110,8 +118,9 @@ def calibrate(model, paths: list, batch_size: int = 16) -> Calibration:
 
 
 def plan(n_images: int, jobs: list[str], workers: int, device: str, cal: Calibration,
-         embed_dim: int = 1280, knn_k: int = 10) -> dict:
-    """Estimated seconds per stage and the bounding stage, for `workers` workers of `device`."""
+         embed_dim: int = 1280, knn_k: int = 10, classes: int = 1000) -> dict:
+    """Estimated seconds per stage and the bounding stage, for `workers` workers of `device`
+    (`classes`: how many the dataset has, for the audit's per-class context sample)."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
     spec = DEVICES[device]
@@ -127,9 +136,11 @@ def plan(n_images: int, jobs: list[str], workers: int, device: str, cal: Calibra
         decode_img_s = spec["decode_cores"] * workers / cal.decode_s
         gflops = spec["faiss_gflops"]  # exact kNN runs on one device
         mem_gib = spec["mem_gib"]
-    stages = {"decode": n_images / decode_img_s}
-    fwd = sum(JOB_PASSES[j][0] for j in jobs if j in JOB_PASSES)
-    bwd = sum(JOB_PASSES[j][1] for j in jobs if j in JOB_PASSES)
+    # the audit's context sample: decoded again, 3 forwards and a Grad-CAM each
+    sampled = min(1.0, AUDIT_CONTEXT_PER_CLASS * classes / n_images) if "audit" in jobs and n_images else 0.0
+    stages = {"decode": n_images * (1 + sampled) / decode_img_s}
+    fwd = sum(JOB_PASSES[j][0] for j in jobs if j in JOB_PASSES) + 3 * sampled
+    bwd = sum(JOB_PASSES[j][1] for j in jobs if j in JOB_PASSES) + sampled
     # the shared forward pass is computed once for predict/embed/audit
     shared = {"predict", "embed", "audit"} & set(jobs)
     fwd -= max(0, len(shared) - 1)

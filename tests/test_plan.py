@@ -35,7 +35,7 @@ def test_gpu_workers_move_the_bottleneck():
 
 def test_shared_forward_pass_is_counted_once():
     a = plan(1000, ["embed"], 1, "cpu", CAL)
-    b = plan(1000, ["predict", "embed", "audit"], 1, "cpu", CAL)
+    b = plan(1000, ["predict", "embed", "audit"], 1, "cpu", CAL, classes=0)  # no context sample
     assert b["stages_s"]["forward"] == pytest.approx(a["stages_s"]["forward"], rel=1e-6)
 
 
@@ -119,3 +119,17 @@ def test_adversarial_pass_count_is_what_the_default_attack_runs(model, shared_im
     finally:
         handle.remove()
     assert JOB_PASSES["adversarial"] == (1 + len(eps), rows["gradient"] / 2)
+
+
+def test_audit_context_sample_is_per_class():
+    """The audit's context check runs on up to 4 images a class (as the flow's default), so
+    it costs every image of 250 one-image classes and almost nothing of ImageNet."""
+    from engine.planner import AUDIT_CONTEXT_PER_CLASS
+    from flows.audit import AuditSettings
+
+    assert AUDIT_CONTEXT_PER_CLASS == AuditSettings().context_per_class
+    small = plan(250, ["audit"], 1, "cpu", CAL, classes=250)
+    assert small["stages_s"]["backward"] == pytest.approx(250 * CAL.backward_s)
+    assert small["stages_s"]["forward"] == pytest.approx(250 * 4 * CAL.forward_s)
+    imagenet = plan(1_281_167, ["audit"], 1, "cpu", CAL, classes=1000)
+    assert imagenet["stages_s"]["backward"] == pytest.approx(4000 * CAL.backward_s)

@@ -32,7 +32,8 @@ def run(args) -> dict:
     entries = list_images(args.data)
     model = load_model(args.model, args.weights, require_weights=False)
     cal = calibrate(model, [os.path.join(args.data, e.path) for e in entries])
-    result = plan(args.images or len(entries), jobs, args.workers, args.gpu, cal)
+    classes = len({e.label for e in entries}) or 1  # unlabelled images are one group, as the audit sees them
+    result = plan(args.images or len(entries), jobs, args.workers, args.gpu, cal, classes=classes)
     result["calibration"] = {"decode_ms": round(cal.decode_s * 1e3, 2), "forward_ms": round(cal.forward_s * 1e3, 2),
                              "fwd_bwd_ms": round(cal.backward_s * 1e3, 2), "gemm_gflops": round(cal.gemm_gflops, 1)}
     return result
