@@ -34,6 +34,7 @@ DEVICES = {
     "t4": {"forward_img_s": 1500.0, "backward_x": 3.2, "decode_cores": 4, "mem_gib": 16, "faiss_gflops": 7000.0},
 }
 
+
 def explain_passes(methods: int = 5, faithfulness_steps: int = 10, road_fractions: int = 5) -> tuple[float, float]:
     """Per-image (forward, forward+backward) passes of `neurocat explain`: the prediction, the
     faithfulness curves' ends (the image, its blurred copy) and, for every method and the
