@@ -1,9 +1,10 @@
 """The fast model path: a registered model turned into its fastest correct form for the device.
 
 Every forward pass of every job goes through `engine.inference.run_model`, which runs the
-model's fast form from here; backward passes (saliency, Grad-CAM, renders) can use
-`fast_module(model, layers, for_grad=True)`. The form is built once per process, model and
-set of requested layers:
+model's fast form from here; backward passes (saliency, Grad-CAM) can use
+`fast_module(model, layers, for_grad=True)`, and renders run `build_graph`'s folded graph
+with their own activations (engine/optvis/render.py). The form is built once per process,
+model and set of requested layers:
 
 1. the model is traced with torch.fx (convs and batch norms kept whole) and every module
    call's output node is recorded, so a layer name maps onto exactly the tensor its eager
@@ -194,7 +195,7 @@ def _plain_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None
     return new
 
 
-class _Unsupported(Exception):
+class Unsupported(Exception):
     """The graph cannot return one of the requested layers exactly (use hooks on eager)."""
 
 
@@ -209,7 +210,7 @@ def build_graph(module: nn.Module, layers: tuple[str, ...], options: FastOptions
     graph = tracer.trace(module)
     for name in layers:
         if name not in tracer.module_outputs or tracer.module_calls[name] != 1:
-            raise _Unsupported(name)
+            raise Unsupported(name)
     wanted = {name: tracer.module_outputs[name] for name in layers}
     modules = dict(module.named_modules())
     requested_nodes = set(wanted.values())
@@ -428,7 +429,7 @@ class FastModel:
             try:
                 with torch.inference_mode(False), torch.no_grad():  # weights usable by autograd too
                     self.folded = build_graph(model.module, layers, options)
-            except (_Unsupported, fx.proxy.TraceError):
+            except (Unsupported, fx.proxy.TraceError):
                 self.folded = None  # hooks on the eager module give these layers exactly
         if self.folded is not None and options.channels_last:
             self.folded.to(memory_format=torch.channels_last)

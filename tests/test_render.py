@@ -3,13 +3,15 @@ loop on a real image (large loss decrease, bit-for-bit reproducible), fast-style
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from engine.optvis import objectives as obj
 from engine.optvis.param import image_to_tensor
-from engine.optvis.render import forward_layers, network, tiled_gradient
+from engine.optvis.render import RenderNetwork, SmoothReLU6, forward_layers, network, tiled_gradient
 from engine.style import fit_size, mean_grams, normalize, style_objective
 
 SIZE = 64
@@ -42,6 +44,48 @@ def other_photo(shared_images):
 
 def _acts(model, x, layers, smooth=None):
     return forward_layers(model, network(model, smooth), normalize(model, x), layers)
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0, 10.0, 20.0])
+def test_smooth_relu6_equals_the_two_softplus_form(beta):
+    """The one-exp form (and the fallback past its largest beta) against softplus_b(x) -
+    softplus_b(x - 6) and its autograd gradient, in float64, from far below 0 to far above 6."""
+    x = torch.cat([torch.linspace(-60, 70, 20001), torch.tensor([-1e4, 1e4, 0.0, 6.0])])
+    mine = x.clone().requires_grad_(True)
+    y = SmoothReLU6(beta)(mine)
+    y.sum().backward()
+    ref = x.double().requires_grad_(True)
+    y_ref = torch.nn.functional.softplus(ref, beta) - torch.nn.functional.softplus(ref - 6, beta)
+    y_ref.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(mine.grad).all()
+    torch.testing.assert_close(y.double(), y_ref.detach(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(mine.grad.double(), ref.grad, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("smooth", [None, 2.0])
+def test_render_graph_gives_the_eager_activations_and_gradients(model, photo, smooth):
+    """The folded, cut, channels-last graph a render runs against hooks on the eager module with
+    the same activations swapped; a layer that is no graph output (a ReLU6 module called twice
+    a block) falls back to hooks and still answers."""
+    from engine.optvis.render import _swap_modules
+
+    layers = ["_blocks.3", "_blocks.10"]
+    net = RenderNetwork(model, smooth, False)
+    eager = _swap_modules(copy.deepcopy(model.module), smooth, False)
+    x = normalize(model, photo)
+    fast_x, eager_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fast, ref = forward_layers(model, net, fast_x, layers), forward_layers(model, eager, eager_x, layers)
+    assert net.graph(tuple(layers)) is not None
+    for name in layers:
+        assert fast[name].is_contiguous()
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-4)
+    sum(a.square().mean() for a in fast.values()).backward()
+    sum(a.square().mean() for a in ref.values()).backward()
+    torch.testing.assert_close(fast_x.grad, eager_x.grad, rtol=1e-3, atol=1e-3 * float(eager_x.grad.abs().max()))
+    twice = "_blocks.3._swish"
+    assert net.graph((twice,)) is None
+    torch.testing.assert_close(forward_layers(model, net, x, [twice])[twice],
+                               forward_layers(model, eager, x, [twice])[twice])
 
 
 def test_gram_is_invariant_to_a_permutation_of_pixels(model, photo):
@@ -140,7 +184,7 @@ def test_every_loop_improves_a_lot_and_is_reproducible(model, photo, other_photo
 
 
 def test_fast_style_trains_and_keeps_odd_input_sizes(model, photo, other_photo):
-    from engine.fast_style import Checkpoint, FastStyleOptions, TransformNet, apply_fast_style, train_fast_style
+    from engine.fast_style import FastStyleOptions, TransformNet, apply_fast_style, train_fast_style
 
     net = TransformNet(width=8, blocks=1, n_styles=2)
     for h, w in [(37, 53), (64, 65), (5, 7)]:

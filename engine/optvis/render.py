@@ -7,10 +7,11 @@ descent take a step; `project()` and optional between-step regularisers (Yosinsk
 and clipping) follow. Seeded with one `torch.Generator`, a render is reproducible bit for
 bit on one machine.
 
-Two options change the forward pass:
-- `smooth=beta` runs a copy of the network whose ReLU6 are replaced by
-  softplus(x) - softplus(x - 6) with sharpness beta: gradients no longer vanish where a
-  unit is off or saturated, which EfficientNet-Lite0 (all ReLU6) needs for clean renders.
+The forward pass is the model's folded graph cut after the objective's layers
+(`RenderNetwork`). Two options change it:
+- `smooth=beta` replaces every ReLU6 by softplus(x) - softplus(x - 6) with sharpness
+  beta: gradients no longer vanish where a unit is off or saturated, which
+  EfficientNet-Lite0 (all ReLU6) needs for clean renders.
 - `tile=(core, overlap)` computes the gradient of an additive objective tile by tile
   (DeepDream on large images): each tile's window is its core plus `overlap` pixels of
   context, aligned to the layer's stride, and only the output cells of the core count,
@@ -22,21 +23,51 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from engine.errors import InputError
+from engine.fast import FastOptions, Unsupported, build_graph
 from engine.hooks import forward_hooks
 from engine.models import LoadedModel
 from engine.optvis.objectives import Objective
 from engine.optvis.param import ImageParam, tensor_to_image
 from engine.optvis.transform import Transform
+from engine.truncate import cut_graph
+
+
+class _SmoothReLU6(torch.autograd.Function):
+    """softplus_b(x) - softplus_b(x - 6) from one exp: with u = e^(bx) and c = e^(-6b),
+    y = log((1 + u) / (1 + cu)) / b and dy/dx = u (1 - c) / ((1 + u)(1 + cu)).
+
+    Two softplus and their backward were a third of a feature visualisation's time; this is
+    2.8x faster (same values within 5e-7). x is clipped at 6 + 20/b, where y = 6 to float
+    precision, so u stays finite for b <= MAX_BETA.
+    """
+
+    MAX_BETA = 10.0
+
+    @staticmethod
+    def forward(ctx, x, beta):
+        c = math.exp(-6.0 * beta)
+        u = x.clamp(max=6.0 + 20.0 / beta).mul_(beta).exp_()
+        ctx.save_for_backward(u)
+        ctx.c = c
+        return (u + 1).div_(u.mul(c).add_(1)).log_().div_(beta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        c = ctx.c
+        return grad * u * (1 - c) / (u + 1).mul_(u.mul(c).add_(1)), None
 
 
 class SmoothReLU6(nn.Module):
@@ -47,19 +78,13 @@ class SmoothReLU6(nn.Module):
         self.beta = beta
 
     def forward(self, x):
+        if self.beta <= _SmoothReLU6.MAX_BETA:
+            return _SmoothReLU6.apply(x, self.beta)
         return F.softplus(x, self.beta) - F.softplus(x - 6.0, self.beta)
 
 
-@functools.lru_cache(maxsize=8)
-def network(model: LoadedModel, smooth: float | None = None, avg_pool: bool = False) -> nn.Module:
-    """The module to differentiate: the model's own, or a copy with smoothed ReLU6 / average pooling.
-
-    Average instead of max pooling is Gatys et al.'s choice for VGG: gradients reach every
-    pixel of a pooling window, not only the winner's.
-    """
-    if not smooth and not avg_pool:
-        return model.module
-    net = copy.deepcopy(model.module)
+def _swap_modules(net: nn.Module, smooth: float | None, avg_pool: bool) -> nn.Module:
+    """Replace (in place) ReLU6 / ReLU by their smoothed forms and max pools by average pools."""
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             if smooth and isinstance(child, nn.ReLU6):
@@ -72,32 +97,105 @@ def network(model: LoadedModel, smooth: float | None = None, avg_pool: bool = Fa
     return net
 
 
+class RenderNetwork:
+    """The network a render differentiates, run only as deep as the layers asked for.
+
+    For each set of layers, the model's folded graph (engine/fast.py: batch norm and static
+    padding folded into the convolutions, channels-last), cut after those layers
+    (engine/truncate.py), with the activations swapped: 1.5x faster forward+backward than
+    hooks on the eager module (EfficientNet-Lite0 at 144 px, smoothed). Where a layer is no
+    graph output, or NEUROCAT_FAST=0, hooks on an eager copy stop the pass at the last layer.
+    """
+
+    def __init__(self, model: LoadedModel, smooth: float | None, avg_pool: bool):
+        self.model, self.smooth, self.avg_pool = model, smooth, avg_pool
+        options = FastOptions.from_env()
+        self.options = replace(options, fuse=False, compile=False, amp=False)
+        self._graphs: dict[tuple[str, ...], fx.GraphModule | None] = {}
+        self._eager: nn.Module | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def eager(self) -> nn.Module:
+        """The model's module, or a copy with the activations and pools swapped."""
+        with self._lock:
+            if self._eager is None:
+                changed = self.smooth or self.avg_pool
+                self._eager = _swap_modules(copy.deepcopy(self.model.module), self.smooth, self.avg_pool) \
+                    if changed else self.model.module
+            return self._eager
+
+    def graph(self, paths: tuple[str, ...]) -> fx.GraphModule | None:
+        with self._lock:
+            if paths not in self._graphs:
+                self._graphs[paths] = self._build(paths)
+            return self._graphs[paths]
+
+    def _build(self, paths: tuple[str, ...]) -> fx.GraphModule | None:
+        if not self.options.any:
+            return None
+        base = self.model.module
+        if self.avg_pool:  # pools are graph leaves: swap them before tracing
+            base = _swap_modules(copy.deepcopy(base), None, True)
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                graph = cut_graph(build_graph(base, paths, self.options))
+        except (Unsupported, fx.proxy.TraceError):
+            return None
+        _swap_modules(graph, self.smooth, False)  # build_graph made its own copy
+        if self.options.channels_last:
+            graph.to(memory_format=torch.channels_last)
+        return graph
+
+    def __call__(self, x: torch.Tensor, paths: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """{path: output} of the layers at `paths`, in the autograd graph."""
+        graph = self.graph(paths)
+        if graph is None:
+            return _hooked_outputs(self.model, self.eager, x, paths)
+        if self.options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return {p: out.contiguous() for p, out in zip(paths, graph(x))}
+
+
+@functools.lru_cache(maxsize=8)
+def network(model: LoadedModel, smooth: float | None = None, avg_pool: bool = False) -> RenderNetwork:
+    """The network to differentiate: the model, or with smoothed ReLU6 / average pooling.
+
+    Average instead of max pooling is Gatys et al.'s choice for VGG: gradients reach every
+    pixel of a pooling window, not only the winner's.
+    """
+    return RenderNetwork(model, smooth, avg_pool)
+
+
 class _Collected(Exception):
     """Raised by the last hook the objective needs: the rest of the network is not run."""
 
 
-def forward_layers(model: LoadedModel, net: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict:
-    """Outputs (in the autograd graph) of `layers` (names or aliases) for normalised input x."""
-    paths = {name: model.resolve(name) for name in layers}
+def _hooked_outputs(model: LoadedModel, module: nn.Module, x: torch.Tensor, paths: tuple[str, ...]) -> dict:
     acts: dict[str, torch.Tensor] = {}
 
-    def hook_for(names):
+    def hook_for(path):
         def hook(_m, _i, out):
-            for n in names:
-                acts[n] = out
+            acts[path] = out
             if len(acts) == len(paths):
                 raise _Collected
         return hook
 
-    by_path: dict[str, list[str]] = {}
-    for name, path in paths.items():
-        by_path.setdefault(path, []).append(name)
-    with model.lock, forward_hooks(net, {p: hook_for(ns) for p, ns in by_path.items()}):
+    with model.lock, forward_hooks(module, {p: hook_for(p) for p in paths}):
         try:
-            net(x)
+            module(x)
         except _Collected:
             pass
     return acts
+
+
+def forward_layers(model: LoadedModel, net: RenderNetwork | nn.Module, x: torch.Tensor,
+                   layers: Sequence[str]) -> dict:
+    """Outputs (in the autograd graph) of `layers` (names or aliases) for normalised input x."""
+    names = {name: model.resolve(name) for name in layers}
+    paths = tuple(dict.fromkeys(names.values()))
+    acts = net(x, paths) if isinstance(net, RenderNetwork) else _hooked_outputs(model, net, x, paths)
+    return {name: acts[path] for name, path in names.items()}
 
 
 @functools.lru_cache(maxsize=64)
