@@ -21,20 +21,26 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import InputError
+from engine.fast import gradient_forward
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 NORMS = ("linf", "l2")
 ATTACKS = ("fgsm", "bim", "pgd", "universal")
 
 
-def pixel_forward(model) -> Forward:
-    """`x` in [0, 1] -> logits of `model` (a LoadedModel), normalising like its preprocessing."""
+def pixel_forward(model, fast: bool = False) -> Forward:
+    """`x` in [0, 1] -> logits of `model` (a LoadedModel), normalising like its preprocessing.
+
+    `fast=True` differentiates the model's fast form (engine.fast.gradient_forward, what the
+    jobs run: PGD 2.4x faster on CPU, input gradients within ~1e-3 of the eager module's);
+    the default eager module is what torchattacks, wrapped around the same model, sees."""
     prep = model.preprocessing
     mean = torch.tensor(prep.mean, device=model.device).view(1, 3, 1, 1)
     std = torch.tensor(prep.std, device=model.device).view(1, 3, 1, 1)
+    net = gradient_forward(model) if fast else model.module
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return model.module((x - mean) / std)
+        return net((x - mean) / std)
 
     return forward
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -32,7 +31,7 @@ from torch import nn
 
 from engine.backprop_rules import relu_backward_rule
 from engine.errors import InputError
-from engine.fast import FastOptions, fast_module
+from engine.fast import gradient_forward
 from engine.hooks import forward_hooks
 from engine.inference import run_model
 from engine.models import LoadedModel
@@ -73,14 +72,9 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 
 
 def _gradient_module(model: LoadedModel, fast: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> logits for a backward pass: the fast form (batch norm folded, channels-last; not
-    compiled, whose numerics and warm-up would differ) or the eager module, which a backward
-    rule patches (guided backprop) and hooks see."""
-    if not fast:
-        return model.module
-    options = replace(FastOptions.from_env(), compile=False, amp=False)
-    fm = fast_module(model, (), for_grad=True, options=options)
-    return lambda x: fm(x)[0]
+    """x -> logits for a backward pass: the fast form (engine.fast.gradient_forward) or the
+    eager module, which a backward rule patches (guided backprop) and hooks see."""
+    return gradient_forward(model) if fast else model.module
 
 
 def _input_gradients(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, fast: bool = False

@@ -92,6 +92,7 @@ def _best_of(repeats: int, fn) -> float:
 
 def calibrate(model, paths: list, batch_size: int = 16) -> Calibration:
     """Time decode (16 real images), forward and forward+backward (best of a few batches), a GEMM."""
+    from engine.fast import gradient_forward
     from engine.images import ImageError, load_preprocessed
     from engine.inference import run_model
 
@@ -110,7 +111,9 @@ def calibrate(model, paths: list, batch_size: int = 16) -> Calibration:
         run_model(model, x[:2])
         forward_s = _best_of(3, lambda: run_model(model, x)) / batch_size
     xb = x[: max(2, batch_size // 2)].clone().requires_grad_(True)
-    backward_s = _best_of(2, lambda: model.module(xb).max(dim=1).values.sum().backward()) / len(xb)
+    grad_forward = gradient_forward(model)  # the attacks' and projections' gradient path
+    grad_forward(xb[:2]).sum().backward()
+    backward_s = _best_of(2, lambda: grad_forward(xb).max(dim=1).values.sum().backward()) / len(xb)
     a = np.random.default_rng(0).standard_normal((1024, 1280), dtype=np.float32)
     t0 = time.perf_counter()
     a @ a.T

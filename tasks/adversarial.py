@@ -47,7 +47,7 @@ def fit_universal(store_path: str, job: str, group: str, items: list[tuple[int, 
     for eps, key in zip(eps_list, keys):
         p = attack.resolved(eps)
         with m.lock:  # other threads' hooks must not fire inside our forward passes
-            delta, rates[key] = universal_perturbation(pixel_forward(m), batches, eps, attack.norm, p["step_size"],
+            delta, rates[key] = universal_perturbation(pixel_forward(m, fast=True), batches, eps, attack.norm, p["step_size"],
                                                        epochs=p["steps"])
         store.write_array(f"adversarial/{group}/{key}/delta", delta.cpu().numpy(),
                           attrs={**p, "fitted_on": len(items), "fooling_rate_per_sweep": rates[key]})
@@ -64,7 +64,7 @@ def attack_shard(store_path: str, job: str, group: str, shard: int, start: int, 
     m = cached_model(model, weights, device)
     other = cached_model(transfer[0], transfer[1], device) if transfer else None
     attack = AttackSpec(**spec)
-    forward = pixel_forward(m)
+    forward = pixel_forward(m, fast=True)
     store = Store(store_path)
     deltas = ({key: torch.from_numpy(store.read(f"adversarial/{group}/{key}/delta")).to(m.device) for key in keys}
               if attack.attack == "universal" else {})

@@ -78,6 +78,23 @@ def test_pgd10_at_4_over_255_drops_accuracy_below_10_percent(batch, forward, pgd
     assert (predict(forward, to_pixels(to_uint8(pgd10))) == y).float().mean() < 0.1
 
 
+def test_the_jobs_fast_form_attacks_like_the_eager_model(batch, forward, model, pgd10):
+    """What the jobs run (folded, fused, channels-last) against the eager module: the input
+    gradients agree closely, so FGSM moves nearly every pixel the same way (a sign can flip only
+    where the gradient is ~0), and PGD-10 fools it as well."""
+    from engine.attacks import loss_gradient
+
+    fast = pixel_forward(model, fast=True)
+    x, y = batch
+    g_fast, g_eager = loss_gradient(fast, x, y)[0], loss_gradient(forward, x, y)[0]
+    assert float((g_fast - g_eager).norm() / g_eager.norm()) < 1e-2
+    same = (fgsm(fast, x, y, EPS) == fgsm(forward, x, y, EPS)).float().mean()
+    assert same > 0.99, float(same)
+    adv = pgd(fast, x, y, EPS, steps=10, generator=torch.Generator().manual_seed(0))
+    assert (predict(forward, adv) == y).float().mean() < 0.1
+    assert (predict(fast, pgd10) == y).float().mean() < 0.1
+
+
 def targeted_hits(forward, x, y, seed):
     target = (y + 500) % 1000
     adv = pgd(forward, x, target, 8 / 255, steps=10, targeted=True, generator=torch.Generator().manual_seed(seed))
