@@ -40,11 +40,17 @@ def explain_passes(methods: int = 5, faithfulness_steps: int = 10, road_fraction
     faithfulness curves' ends (the image, its blurred copy) and, for every method and the
     random reference, 2 (steps - 1) deletion/insertion points and ROAD's MoRF and LeRF points;
     about one gradient pass a method (guided Grad-CAM two, CAM a forward only). The curves
-    are nearly all of it: 172 forwards against 5 gradients with the defaults. Model passes
-    only: ROAD's imputation and GrabCut add about half as much again on a CPU (32 shared
-    images here: 82 s measured, 55 s of passes)."""
+    are nearly all of it: 172 forwards against 5 gradients with the defaults. ROAD's
+    imputations and the GrabCut masks are counted apart (`explain_extras`)."""
     curves = (methods + 1) * (2 * (faithfulness_steps - 1) + 2 * road_fractions) if faithfulness_steps else 0
     return float(1 + (2 if faithfulness_steps else 0) + curves + 1), float(methods)
+
+
+def explain_extras(methods: int = 5, road_fractions: int = 5) -> dict[str, float]:
+    """Per-image work of `neurocat explain` besides model passes: ROAD's noisy linear
+    imputations (MoRF and LeRF at every fraction, for every method and the random reference:
+    60 with the defaults; on the model's device) and one GrabCut mask (OpenCV, CPU cores)."""
+    return {"imputation": float((methods + 1) * 2 * road_fractions), "segmentation": 1.0}
 
 
 def adversarial_passes(eps_values: int = 4, steps: int = 10) -> tuple[float, float]:
@@ -67,6 +73,8 @@ JOB_PASSES = {
     "explain": explain_passes(),
     "adversarial": adversarial_passes(),
 }
+# per-image work besides model passes (counted per kind of work)
+JOB_EXTRAS = {"explain": explain_extras()}
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,8 @@ class Calibration:
     backward_s: float
     cores: int
     gemm_gflops: float
+    imputation_s: float = 0.0  # one ROAD imputation of one image (engine.faithfulness.impute)
+    segmentation_s: float = 0.0  # one GrabCut mask, wall time with this machine's cores busy
 
 
 def _best_of(repeats: int, fn) -> float:
@@ -91,21 +101,23 @@ def _best_of(repeats: int, fn) -> float:
 
 
 def calibrate(model, paths: list, batch_size: int = 16) -> Calibration:
-    """Time decode (16 real images), forward and forward+backward (best of a few batches), a GEMM."""
+    """Time decode (16 real images), forward and forward+backward (best of a few batches), a GEMM,
+    ROAD's imputation (a batch) and GrabCut (as many real images as cores, at once)."""
     from engine.fast import gradient_forward
+    from engine.faithfulness import impute
     from engine.images import ImageError, load_preprocessed
     from engine.inference import run_model
+    from engine.segmentation import grabcut_masks
 
     sample = paths[:16]
     t0 = time.perf_counter()
-    decoded = 0
+    decoded_images = []
     for p in sample:
         try:
-            load_preprocessed(p, model.preprocessing)
-            decoded += 1
+            decoded_images.append(load_preprocessed(p, model.preprocessing))
         except ImageError:
             continue
-    decode_s = (time.perf_counter() - t0) / max(1, decoded) if sample else 0.01
+    decode_s = (time.perf_counter() - t0) / max(1, len(decoded_images)) if sample else 0.01
     x = torch.randn(batch_size, 3, model.preprocessing.crop, model.preprocessing.crop)
     with torch.inference_mode():  # the jobs' forward path (engine.inference: the fast form)
         run_model(model, x[:2])
@@ -118,7 +130,16 @@ def calibrate(model, paths: list, batch_size: int = 16) -> Calibration:
     t0 = time.perf_counter()
     a @ a.T
     gemm = 2 * 1024 * 1024 * 1280 / (time.perf_counter() - t0) / 1e9
-    return Calibration(decode_s, forward_s, backward_s, torch.get_num_threads(), gemm)
+    # ROAD's imputation costs the same whatever is removed (a fixed number of sweeps)
+    removed = (torch.rand(len(x), 1, *x.shape[2:], generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    imputation_s = _best_of(2, lambda: impute(x, removed)) / len(x)
+    images = np.stack(decoded_images) if decoded_images else np.zeros((0, *x.shape[2:], 3), np.uint8)
+    images = images[: torch.get_num_threads()]
+    maps = np.random.default_rng(0).random(images.shape[:3], dtype=np.float32)
+    t0 = time.perf_counter()
+    grabcut_masks(images, maps)
+    segmentation_s = (time.perf_counter() - t0) / len(images) if len(images) else 0.0
+    return Calibration(decode_s, forward_s, backward_s, torch.get_num_threads(), gemm, imputation_s, segmentation_s)
 
 
 def plan(n_images: int, jobs: list[str], workers: int, device: str, cal: Calibration,
@@ -151,12 +172,18 @@ def plan(n_images: int, jobs: list[str], workers: int, device: str, cal: Calibra
     stages["forward"] = n_images * fwd / forward_img_s
     if bwd:
         stages["backward"] = n_images * bwd / backward_img_s
+    extras = {kind: sum(JOB_EXTRAS.get(j, {}).get(kind, 0.0) for j in jobs) for kind in ("imputation", "segmentation")}
+    if extras["imputation"]:  # on the model's device, at its speed relative to a forward pass here
+        stages["imputation"] = n_images * extras["imputation"] * cal.imputation_s / cal.forward_s / forward_img_s
+    if extras["segmentation"]:  # on the worker's CPU cores
+        cores = workers * (cal.cores if spec is None else spec["decode_cores"])
+        stages["segmentation"] = n_images * extras["segmentation"] * cal.segmentation_s * cal.cores / cores
     if {"embed", "audit"} & set(jobs):
         stages["knn"] = 2.0 * n_images * n_images * embed_dim / (gflops * 1e9)
         stages["tsne"] = 2e-5 * n_images * math.log2(max(n_images, 2)) if "embed" in jobs else 0.0
-    # decode overlaps the model passes; kNN and t-SNE run after them
+    # decode overlaps the model passes; the rest runs after them
     overlapped = max(stages["decode"], stages["forward"] + stages.get("backward", 0.0))
-    total = overlapped + stages.get("knn", 0.0) + stages.get("tsne", 0.0)
+    total = overlapped + sum(stages.get(k, 0.0) for k in ("imputation", "segmentation", "knn", "tsne"))
     bound = max(stages, key=stages.get)
     memory = {
         "features_gib": n_images * embed_dim * 2 / 2**30,

@@ -33,6 +33,23 @@ def test_gpu_workers_move_the_bottleneck():
     assert 60 < knn["stages_s"]["knn"] < 3600  # exact kNN graph of 1.28M x 1280 in minutes
 
 
+def test_explain_plan_counts_imputation_and_masks_apart():
+    """ROAD's imputations run on the model's device (at its speed relative to a forward here),
+    GrabCut on the workers' CPU cores; both come after the model passes."""
+    cal = Calibration(decode_s=0.01, forward_s=0.05, backward_s=0.15, cores=2, gemm_gflops=20.0,
+                      imputation_s=0.01, segmentation_s=0.2)
+    cpu = plan(1000, ["explain"], 2, "cpu", cal)
+    assert cpu["stages_s"]["imputation"] == pytest.approx(1000 * 60 * 0.01 / 2, rel=1e-3)
+    assert cpu["stages_s"]["segmentation"] == pytest.approx(1000 * 0.2 / 2, rel=1e-3)
+    s = cpu["stages_s"]
+    assert cpu["total_s"] == pytest.approx(max(s["decode"], s["forward"] + s["backward"]) + s["imputation"]
+                                           + s["segmentation"], abs=0.02)
+    h100 = plan(1000, ["explain"], 1, "h100", cal)["stages_s"]
+    assert h100["imputation"] == pytest.approx(1000 * 60 * (0.01 / 0.05) / 12000.0, rel=1e-3)
+    assert h100["segmentation"] == pytest.approx(1000 * 0.2 * 2 / 16, rel=1e-3)  # 16 cores, not 2
+    assert "imputation" not in plan(1000, ["catalog"], 1, "cpu", cal)["stages_s"]
+
+
 def test_shared_forward_pass_is_counted_once():
     a = plan(1000, ["embed"], 1, "cpu", CAL)
     b = plan(1000, ["predict", "embed", "audit"], 1, "cpu", CAL, classes=0)  # no context sample
@@ -81,23 +98,35 @@ def count_passes(model, monkeypatch):
 def test_explain_pass_count_is_what_explain_runs(model, shared_images, monkeypatch):
     """The planner's explain estimate (172 forwards + 5 gradients an image with the defaults;
     it said 1 + 8 before, 7x under the measured time) against the passes explain_batch makes."""
-    from engine.explanations import explain_batch
+    from engine import explanations, faithfulness
     from engine.images import list_images, load_preprocessed
-    from engine.planner import JOB_PASSES, explain_passes
+    from engine.planner import JOB_EXTRAS, JOB_PASSES, explain_extras, explain_passes
 
     args = default_args("explain")
     methods = args.methods.split(",")
     images = torch.from_numpy(np.stack([load_preprocessed(shared_images / e.path, model.preprocessing)
                                         for e in list_images(shared_images)[:4]]))
     rows, handle = count_passes(model, monkeypatch)
-    try:
-        explain_batch(model, images, [-1] * 4, methods, steps=args.faithfulness_steps)
+    rows.update(imputation=0, segmentation=0)
+
+    def counting(kind, fn):
+        def counted(images, *args, **kwargs):
+            rows[kind] += len(images)
+            return fn(images, *args, **kwargs)
+        return counted
+    monkeypatch.setattr(faithfulness, "impute", counting("imputation", faithfulness.impute))
+    monkeypatch.setattr(explanations, "grabcut_masks", counting("segmentation", explanations.grabcut_masks))
+    try:  # the flow's default segment_with ("auto"): the first method's map
+        explanations.explain_batch(model, images, [-1] * 4, methods, steps=args.faithfulness_steps,
+                                   segment_with=methods[0])
     finally:
         handle.remove()
     want = explain_passes(len(methods), args.faithfulness_steps)
     assert JOB_PASSES["explain"] == want
     assert rows["gradient"] / 4 == want[1]
     assert abs(rows["forward"] / 4 - want[0]) <= 0.25  # the all-grey image is one pass for the batch
+    assert JOB_EXTRAS["explain"] == explain_extras(len(methods))
+    assert {k: rows[k] / 4 for k in ("imputation", "segmentation")} == JOB_EXTRAS["explain"]
 
 
 def test_adversarial_pass_count_is_what_the_default_attack_runs(model, shared_images):

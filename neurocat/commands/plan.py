@@ -35,5 +35,7 @@ def run(args) -> dict:
     classes = len({e.label for e in entries}) or 1  # unlabelled images are one group, as the audit sees them
     result = plan(args.images or len(entries), jobs, args.workers, args.gpu, cal, classes=classes)
     result["calibration"] = {"decode_ms": round(cal.decode_s * 1e3, 2), "forward_ms": round(cal.forward_s * 1e3, 2),
-                             "fwd_bwd_ms": round(cal.backward_s * 1e3, 2), "gemm_gflops": round(cal.gemm_gflops, 1)}
+                             "fwd_bwd_ms": round(cal.backward_s * 1e3, 2), "gemm_gflops": round(cal.gemm_gflops, 1),
+                             "imputation_ms": round(cal.imputation_s * 1e3, 2),
+                             "grabcut_ms": round(cal.segmentation_s * 1e3, 2)}
     return result
