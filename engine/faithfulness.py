@@ -104,27 +104,83 @@ def curve_ends(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, chunk
     return {"p": p[:B], "p_grey": p[B].expand(B), "p_blur": p[B + 1:], "blurred": canvas}
 
 
-def impute(x: torch.Tensor, removed: torch.Tensor, iterations: int = 40, noise: float = 0.02,
+def impute(x: torch.Tensor, removed: torch.Tensor, cycles: int = 3, noise: float = 0.02,
            seed: int = 0) -> torch.Tensor:
-    """ROAD's noisy linear imputation, batched: removed pixels ([B, 1, H, W], 1 = removed) are
-    solved for `value = weighted mean of the 8 neighbours` by Jacobi iterations started from a
-    normalised-convolution fill, then get Gaussian noise of std `noise` (normalised units)."""
+    """ROAD's noisy linear imputation, batched: removed pixels ([B, 1, H, W], 1 = removed) take
+    the solution of `value = weighted mean of the 8 neighbours` with the kept pixels fixed (a
+    sparse linear system ROAD's reference code solves exactly, image by image), then Gaussian
+    noise of std `noise` (normalised units).
+
+    Solved by multigrid V-cycles from a normalised-convolution fill. Plain Jacobi sweeps only
+    spread information a pixel a sweep: 40 of them left the holes of Grad-CAM-ranked removals
+    0.05-0.33 (mean) from the exact solution, where 3 V(2,2)-cycles at the same cost are within
+    0.01 (tests/test_explain_engine.py checks this against scipy's sparse solve)."""
     C = x.shape[1]
-    # depthwise convs on channels-last tensors, the normaliser once, a separable blur: 9x
-    # faster on CPU than one-channel maps, which made imputation 3/4 of an explain job's time
     x = x.contiguous(memory_format=torch.channels_last)
     keep = 1 - removed
-    hole = removed.bool()
     # start: blur of the kept pixels only, at a scale that reaches into large holes
     wide = gaussian_blur(torch.cat([x * keep, keep], 1).contiguous(memory_format=torch.channels_last), 8.0, radius=15)
-    v = torch.where(hole, wide[:, :C] / wide[:, C:].clamp(min=1e-6), x).contiguous(memory_format=torch.channels_last)
-    kernel = neighbour_mean_kernel(C, x.dtype, x.device)
-    inverse_weight = 1 / F.conv2d(torch.ones_like(x[:1]), kernel, padding=1, groups=C)  # 1 inside, more at the border
-    kept, scale = x * keep, removed * inverse_weight
-    for _ in range(iterations):  # holes: the weighted neighbour mean; kept pixels: x (+ 0)
-        v = torch.addcmul(kept, F.conv2d(v, kernel, padding=1, groups=C), scale)
+    v = torch.where(removed.bool(), wide[:, :C] / wide[:, C:].clamp(min=1e-6), x)
+    v = v.contiguous(memory_format=torch.channels_last)
+    levels = _hole_levels(removed, C)
+    for _ in range(cycles):  # each cycle corrects v by the multigrid solution for its residual
+        correction = _v_cycle(torch.zeros_like(v), _residual(levels[0], v), levels)
+        v = v + correction
     gen = torch.Generator(device=x.device).manual_seed(seed)
     return v + removed * noise * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+
+
+class _Level:
+    """One grid of the imputation's multigrid: where the unknowns are, and the 8-neighbour
+    mean's weights there (1 / the sum of the weights that fall inside the image)."""
+
+    def __init__(self, hole: torch.Tensor, channels: int):
+        self.kernel = neighbour_mean_kernel(channels, hole.dtype, hole.device)
+        inverse_weight = 1 / F.conv2d(torch.ones((1, channels, *hole.shape[-2:]), dtype=hole.dtype,
+                                                 device=hole.device), self.kernel, padding=1, groups=channels)
+        self.hole = hole
+        self.scale = (hole * inverse_weight).contiguous(memory_format=torch.channels_last)
+
+    def neighbour_sum(self, e: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(e, self.kernel, padding=1, groups=e.shape[1])
+
+
+def _hole_levels(removed: torch.Tensor, channels: int, smallest: int = 4) -> list[_Level]:
+    """The grids, each half the previous; a coarse cell is unknown only if all four of its
+    fine cells are (a cell with a kept pixel holds a zero correction)."""
+    holes = [removed]
+    while min(holes[-1].shape[-2:]) > smallest:
+        holes.append(-F.max_pool2d(-holes[-1], 2, ceil_mode=True))
+    return [_Level(h, channels) for h in holes]
+
+
+def _smooth(level: _Level, e: torch.Tensor, r: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """Jacobi sweeps for (I - mean) e = r on the holes (e = 0 elsewhere). Undamped: for this
+    stencil every high-frequency mode shrinks by at least 3x a sweep."""
+    for _ in range(sweeps):
+        e = torch.addcmul(r, level.scale, level.neighbour_sum(e))
+    return e
+
+
+def _residual(level: _Level, v: torch.Tensor) -> torch.Tensor:
+    """mean(v) - v on the holes: how far v is from the solution's equations."""
+    return torch.addcmul(level.hole * -v, level.scale, level.neighbour_sum(v))
+
+
+def _v_cycle(e: torch.Tensor, r: torch.Tensor, levels: list[_Level], depth: int = 0, sweeps: int = 2,
+             coarsest_sweeps: int = 20) -> torch.Tensor:
+    """The correction e solving (I - mean) e = r on the holes of `levels[depth]`."""
+    level = levels[depth]
+    if depth == len(levels) - 1:
+        return _smooth(level, e, r, coarsest_sweeps)
+    e = _smooth(level, e, r, sweeps)
+    fine_residual = r - torch.addcmul(e * level.hole, level.scale, level.neighbour_sum(e), value=-1)
+    # on a grid twice as coarse the operator is 4x larger for the same smooth function
+    coarse_r = (4 * levels[depth + 1].hole * F.avg_pool2d(fine_residual, 2, ceil_mode=True)).contiguous(
+        memory_format=torch.channels_last)
+    coarse_e = _v_cycle(torch.zeros_like(coarse_r), coarse_r, levels, depth + 1, sweeps, coarsest_sweeps)
+    e = torch.addcmul(e, level.hole, F.interpolate(coarse_e, size=e.shape[-2:], mode="bilinear", align_corners=False))
+    return _smooth(level, e, r, sweeps)
 
 
 def road(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, maps: torch.Tensor,
