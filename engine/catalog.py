@@ -9,7 +9,6 @@ one size per layer: a whole-factor mean of pixels, what `roi_align` samples ther
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from engine.atlas import inferno_lut
 from engine.backprop_rules import relu_backward_rule
 from engine.inference import run_layers
 from engine.models import LoadedModel
@@ -277,78 +277,10 @@ def overlays(images: np.ndarray, rows: np.ndarray, maps: np.ndarray, size: int, 
     heat = F.interpolate(heat, size=(size, size), mode="bilinear", align_corners=False)[:, 0].clamp(min=0)
     peak = heat.flatten(1).max(dim=1).values.view(-1, 1, 1)
     level = torch.where(peak > 0, heat / peak.clamp(min=1e-12), torch.zeros_like(heat))
-    colour = _inferno_lut()[(level * 255).round().long()]  # [M, size, size, 3]
+    colour = torch.from_numpy(inferno_lut())[(level * 255).round().long()]  # [M, size, size, 3]
     img = torch.from_numpy(np.ascontiguousarray(images[rows])).permute(0, 3, 1, 2).float()
     img = F.interpolate(img, size=(size, size), mode="area").permute(0, 2, 3, 1)
     return ((1 - alpha) * img + alpha * colour).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-@functools.cache
-def _inferno_lut() -> torch.Tensor:
-    """float [256, 3] in 0..255: matplotlib's `inferno` colour map as a lookup table."""
-    from matplotlib import colormaps
-
-    return torch.from_numpy(colormaps["inferno"](np.arange(256))[:, :3] * 255.0).float()
-
-
-ACTIVATION_TILE = 28  # pixels per map in `activation_grid` (at least; a whole multiple of the map's size)
-ACTIVATION_WIDTH = 480  # pixels a grid of maps may span (fewer columns for larger maps)
-ACTIVATION_GAP = 2
-
-
-def activation_layout(c: int, h: int, w: int) -> tuple[int, int]:
-    """(pixels per map cell, tiles per row) of the `activation_grid` of `c` maps of h x w."""
-    scale = max(1, ACTIVATION_TILE // max(h, w))
-    return scale, max(1, min(c, max(4, ACTIVATION_WIDTH // (w * scale + ACTIVATION_GAP))))
-
-
-def activation_grid(maps: np.ndarray, peak: np.ndarray) -> np.ndarray:
-    """Every unit's activation map [C, h, w] on one image as a uint8 RGB grid (`activation_layout`, unit order).
-
-    Each map shows its positive part divided by `peak[c]` (the unit's highest score on the
-    dataset, so a dark tile is a unit this image barely drives; a unit never above 0 stays
-    black), in `inferno`, each map cell a block of pixels (no smoothing: the layer's resolution).
-    """
-    c, h, w = maps.shape
-    scale, cols = activation_layout(c, h, w)
-    peak = np.asarray(peak, np.float32)[:, None, None]
-    level = np.clip(np.asarray(maps, np.float32), 0, None) / np.maximum(peak, 1e-12)
-    level = np.where(peak > 0, np.clip(level, 0, 1), 0.0)
-    colour = _inferno_lut().numpy()[np.round(level * 255).astype(np.int64)]  # [C, h, w, 3]
-    tiles = np.repeat(np.repeat(colour, scale, 1), scale, 2)
-    return tile_grid(tiles, cols, ACTIVATION_GAP, fill=255.0).round().astype(np.uint8)
-
-
-def tile_grid(tiles: np.ndarray, cols: int, gap: int, fill: float) -> np.ndarray:
-    """Tiles [N, th, tw, 3] laid out row by row, `cols` per row, `gap` pixels of `fill` around each."""
-    n, th, tw = tiles.shape[:3]
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * (th + gap) + gap, cols * (tw + gap) + gap, 3), fill, np.float32)
-    for i, (x0, y0, x1, y1) in enumerate(tile_boxes(n, th, tw, cols, gap)):
-        grid[y0:y1, x0:x1] = tiles[i]
-    return grid
-
-
-def tile_boxes(n: int, th: int, tw: int, cols: int, gap: int) -> list[tuple[int, int, int, int]]:
-    """(x0, y0, x1, y1) of each tile of `tile_grid` (for image maps linking tiles to pages)."""
-    return [(gap + q * (tw + gap), gap + r * (th + gap), gap + q * (tw + gap) + tw, gap + r * (th + gap) + th)
-            for r, q in (divmod(i, cols) for i in range(n))]
-
-
-def filter_grid(weight: torch.Tensor | np.ndarray, cell: int = 28, gap: int = 2) -> np.ndarray:
-    """First-layer filters [O, I, kh, kw] as a uint8 RGB grid, each filter min-max normalised on its own.
-
-    Three input channels are shown as colour, any other number as their mean in grey.
-    """
-    w = np.asarray(weight.detach().cpu() if isinstance(weight, torch.Tensor) else weight, np.float32)
-    o, i, kh, kw = w.shape
-    w = w if i == 3 else np.repeat(w.mean(1, keepdims=True), 3, 1)
-    lo = w.reshape(o, -1).min(1)[:, None, None, None]
-    hi = w.reshape(o, -1).max(1)[:, None, None, None]
-    w = (w - lo) / np.maximum(hi - lo, 1e-12)
-    scale = max(1, cell // max(kh, kw))
-    tiles = np.repeat(np.repeat(w.transpose(0, 2, 3, 1), scale, 1), scale, 2)  # [O, kh*s, kw*s, 3]
-    return (tile_grid(tiles, int(np.ceil(np.sqrt(o))), gap, fill=1.0) * 255).round().astype(np.uint8)
 
 
 def class_selectivity(class_means: np.ndarray) -> np.ndarray:
@@ -367,18 +299,6 @@ def class_selectivity(class_means: np.ndarray) -> np.ndarray:
     rest = (means.sum(axis=1) - top) / (means.shape[1] - 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(top + rest > 0, (top - rest) / (top + rest), 0.0)
-
-
-def top_classes(top_index: np.ndarray, labels: np.ndarray, n: int = 3) -> list[list[tuple[str, int]]]:
-    """Per unit, the `n` most frequent labels among its top-K images, with counts (ties by name)."""
-    out = []
-    for row in top_index:
-        found = labels[row[row >= 0]]
-        found = found[np.array([x is not None for x in found], bool)] if len(found) else found
-        names, counts = np.unique(found.astype(str), return_counts=True) if len(found) else ([], [])
-        order = sorted(zip(names, counts), key=lambda t: (-t[1], t[0]))[:n]
-        out.append([(str(a), int(b)) for a, b in order])
-    return out
 
 
 def dead_units(max_score: np.ndarray, rate: np.ndarray) -> np.ndarray:

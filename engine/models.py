@@ -15,13 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
+from engine.classes import ClassNames, imagenet_classes
 from engine.errors import InputError
 
-CLASSES_TSV = Path(__file__).with_name("imagenet_classes.tsv")
 
 
 def switched_off(value: str) -> bool:
@@ -72,33 +71,6 @@ class Preprocessing:
 
 
 IMAGENET_STATS = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-
-@dataclass(frozen=True)
-class ClassNames:
-    """The 1000 ImageNet classes in torchvision order (sorted WordNet ids)."""
-
-    wnids: tuple[str, ...]
-    names: tuple[str, ...]
-
-    @functools.cached_property
-    def index_of(self) -> dict[str, int]:
-        return {w: i for i, w in enumerate(self.wnids)}
-
-    def __len__(self) -> int:
-        return len(self.wnids)
-
-
-@functools.lru_cache(maxsize=1)
-def imagenet_classes() -> ClassNames:
-    wnids, names = [], []
-    for line in CLASSES_TSV.read_text().splitlines():
-        if not line.strip():
-            continue
-        _, wnid, name = line.split("\t")
-        wnids.append(wnid)
-        names.append(name)
-    return ClassNames(tuple(wnids), tuple(names))
 
 
 @dataclass(frozen=True)
@@ -352,8 +324,3 @@ def _rf_text(rf, attr: str):
         return None
     return "global" if rf.is_global else list(getattr(rf, attr))
 
-
-def softmax_np(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

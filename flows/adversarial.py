@@ -27,9 +27,10 @@ from prefect import flow
 
 from engine.attacks import (ATTACKS, AttackSpec, amplification, eps_key, eps_label, parse_class,
                             parse_eps_list)
+from engine.classes import imagenet_classes
 from engine.errors import InputError
 from engine.images import label_index
-from engine.models import cached_model, imagenet_classes
+from engine.models import cached_model
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, scan_dataset, shard_fingerprint, shard_items, stage)
 from flows.report import publish_report

@@ -20,8 +20,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
 from engine import audit
+from engine.classes import imagenet_classes
 from engine.errors import InputError
-from engine.models import imagenet_classes
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, shard_fingerprint, shard_items, stage)
 from flows.features import run_features

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from engine.models import imagenet_classes
+from engine.classes import imagenet_classes
 from flows.common import RunOptions, record_job, resolve_paths
 from flows.features import run_features
 from flows.report import publish_report

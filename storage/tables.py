@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from engine.models import imagenet_classes, softmax_np
+from engine.classes import imagenet_classes
 from storage.store import Store
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def predictions_table(store: Store) -> pd.DataFrame:
@@ -15,7 +21,7 @@ def predictions_table(store: Store) -> pd.DataFrame:
     ok = np.flatnonzero(manifest["status"].values == "ok")
     classes = imagenet_classes()
     logits = store.array("predict/logits")[...][ok] if len(ok) else np.zeros((0, len(classes)), np.float32)
-    probs = softmax_np(logits)
+    probs = softmax(logits)
     pred = probs.argmax(axis=1)
     return pd.DataFrame({
         "path": manifest["path"].values[ok],

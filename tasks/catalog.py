@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from engine.catalog import (catalog_arrays, extract_patches, filter_grid, overlays, project_units, square_boxes,
-                            stats_summary)
+from engine.atlas import filter_grid
+from engine.catalog import catalog_arrays, extract_patches, overlays, project_units, square_boxes, stats_summary
 from engine.images import DecodedBatches
 from engine.inference import run_layers
 from engine.models import cached_model
@@ -161,7 +161,7 @@ def save_filter_grid(store_path: str, model: str, weights: str | None, device: s
     """The model's first-layer filters as one image, each filter normalised on its own."""
     m = cached_model(model, weights, device)
     layer = m.spec.first_conv
-    grid = filter_grid(m.layer(layer).weight)
+    grid = filter_grid(m.layer(layer).weight.detach().cpu().numpy())
     Store(store_path).write_array("catalog/first_layer_filters", grid, {**attrs, "layer": layer})
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import neurocat_cmd
+from engine.classes import imagenet_classes
 from engine.errors import InputError
 from engine.hooks import capture, hook_count
-from engine.models import imagenet_classes, load_model
+from engine.models import load_model
 from engine.receptive_field import receptive_fields
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import urllib.parse
 import urllib.request
@@ -444,3 +445,16 @@ def test_faithfulness_table_bolds_every_method_tied_for_best():
                               "random": {"deletion": 0.10, "insertion": 0.90}}}
     best = {r["method"]: r["best"] for r in faithfulness_rows(attrs, ["saliency", "gradcam", "cam"])}
     assert best == {"saliency": [], "gradcam": ["deletion", "insertion"], "cam": ["deletion"], "random": []}
+
+
+def test_report_sections_import_without_torch():
+    """Building a report (`neurocat report`, a report-only machine) needs no torch: importing it
+    cost 2-3 s of every report build. Checked in a fresh interpreter."""
+    sections = sorted(p.stem for p in (ROOT / "reports" / "sections").glob("*.py") if p.stem != "__init__")
+    code = ("import importlib, sys\n"
+            f"for name in {sections!r}: importlib.import_module('reports.sections.' + name)\n"
+            "import flows.report\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(sections) >= 7 and out.stdout.strip() == "[]", out.stdout

@@ -15,8 +15,8 @@ import re
 
 import numpy as np
 
-from engine.catalog import ACTIVATION_GAP, activation_grid, activation_layout, tile_boxes, top_classes
-from engine.models import imagenet_classes
+from engine.atlas import ACTIVATION_GAP, activation_grid, activation_layout, tile_boxes, top_classes
+from engine.classes import imagenet_classes
 from reports.site import Section, SectionSkipped, Site
 
 PER_PAGE = 100

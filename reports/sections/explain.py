@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.models import imagenet_classes
+from engine.classes import imagenet_classes
 from reports.site import Section, SectionSkipped, Site
 
 PER_PAGE = 20

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from engine.models import imagenet_classes
+from engine.classes import imagenet_classes
 from reports.site import Section, SectionSkipped, Site
 from storage.files import write_csv
 from storage.store import Store
