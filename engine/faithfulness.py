@@ -162,9 +162,10 @@ def _smooth(level: _Level, e: torch.Tensor, r: torch.Tensor, sweeps: int) -> tor
     return e
 
 
-def _residual(level: _Level, v: torch.Tensor) -> torch.Tensor:
-    """mean(v) - v on the holes: how far v is from the solution's equations."""
-    return torch.addcmul(level.hole * -v, level.scale, level.neighbour_sum(v))
+def _residual(level: _Level, e: torch.Tensor, r: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """r - (I - mean) e on the holes: what a correction e still leaves of r (with r = 0 and the
+    image v for e: mean(v) - v, how far v is from the solution's equations)."""
+    return torch.addcmul(r - level.hole * e, level.scale, level.neighbour_sum(e))
 
 
 def _v_cycle(e: torch.Tensor, r: torch.Tensor, levels: list[_Level], depth: int = 0, sweeps: int = 2,
@@ -174,9 +175,8 @@ def _v_cycle(e: torch.Tensor, r: torch.Tensor, levels: list[_Level], depth: int 
     if depth == len(levels) - 1:
         return _smooth(level, e, r, coarsest_sweeps)
     e = _smooth(level, e, r, sweeps)
-    fine_residual = r - torch.addcmul(e * level.hole, level.scale, level.neighbour_sum(e), value=-1)
     # on a grid twice as coarse the operator is 4x larger for the same smooth function
-    coarse_r = (4 * levels[depth + 1].hole * F.avg_pool2d(fine_residual, 2, ceil_mode=True)).contiguous(
+    coarse_r = (4 * levels[depth + 1].hole * F.avg_pool2d(_residual(level, e, r), 2, ceil_mode=True)).contiguous(
         memory_format=torch.channels_last)
     coarse_e = _v_cycle(torch.zeros_like(coarse_r), coarse_r, levels, depth + 1, sweeps, coarsest_sweeps)
     e = torch.addcmul(e, level.hole, F.interpolate(coarse_e, size=e.shape[-2:], mode="bilinear", align_corners=False))

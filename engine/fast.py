@@ -568,8 +568,9 @@ def fast_module(model: LoadedModel, layers: tuple[str, ...] | list[str] = (), *,
                 options: FastOptions | None = None) -> FastModel:
     """The fast form of `model` returning `layers` (resolved names), one per process and layer set.
 
-    `for_grad=True` keeps activations in the autograd graph (Grad-CAM, saliency, renders):
-    eval-mode BN folding is exact for gradients with respect to the input too.
+    `for_grad=True` keeps activations in the autograd graph (attacks, fast saliency, the
+    catalogue's projections): eval-mode BN folding is exact for gradients with respect to the
+    input too.
     """
     options = options or FastOptions.from_env()
     key = (tuple(layers), for_grad, options)
