@@ -9,9 +9,8 @@ images) says they do the same job. Usage: python bench/adversarial.py [--limit N
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import SHARED_DATA, predicted_inputs  # also puts the repository on sys.path
+from common import SHARED_DATA, best_of_interleaved, predicted_inputs  # also puts the repository on sys.path
 
 
 def main() -> None:
@@ -51,16 +50,10 @@ def main() -> None:
         "neurocat pgd, fast form (the job's)": lambda: pgd(fast, pixels, labels, eps, args.steps,
                                                            generator=torch.Generator().manual_seed(0)),
     }
-    best = {name: float("inf") for name in contenders}
-    accuracy = {}
-    for _ in range(args.repeats):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            adv = fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-            with torch.no_grad():
-                pred = eager(to_pixels(to_uint8(adv))).argmax(1)
-            accuracy[name] = float((pred == labels).float().mean())
+    best, adversarial = best_of_interleaved(contenders, args.repeats)
+    with torch.no_grad():
+        accuracy = {name: float((eager(to_pixels(to_uint8(adv))).argmax(1) == labels).float().mean())
+                    for name, adv in adversarial.items()}
     print(f"images={len(x)} eps=4/255 steps={args.steps} torch_threads={torch.get_num_threads()} "
           f"repeats={args.repeats} (labels: the model's own predictions, clean accuracy 1.0)")
     for name, t in best.items():

@@ -1,4 +1,5 @@
-"""What the benchmarks share: the repository on sys.path, the shared images, their model inputs.
+"""What the benchmarks share: the repository on sys.path, the shared images, their model inputs,
+the interleaved best-of timing.
 
 Each benchmark runs as a script (`python bench/NAME.py`), so this module is found beside it.
 """
@@ -6,6 +7,7 @@ Each benchmark runs as a script (`python bench/NAME.py`), so this module is foun
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,3 +40,17 @@ def predicted_inputs(data, every: slice):
     x = model_inputs(model, paths)
     with torch.no_grad():
         return model, paths, x, model.module(x).argmax(1)
+
+
+def best_of_interleaved(contenders: dict, repeats: int) -> tuple[dict[str, float], dict]:
+    """Every contender (a no-argument callable) timed `repeats` times, interleaved so that load
+    drifting during the run hits them alike: each one's best wall time, and what its last
+    call returned."""
+    best = {name: float("inf") for name in contenders}
+    results = {}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best, results

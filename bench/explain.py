@@ -9,9 +9,8 @@ Usage: python bench/explain.py [--data DIR] [--limit N] [--batch-size B] [--repe
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import SHARED_DATA, predicted_inputs  # also puts the repository on sys.path
+from common import SHARED_DATA, best_of_interleaved, predicted_inputs  # also puts the repository on sys.path
 
 
 def main() -> None:
@@ -63,13 +62,8 @@ def main() -> None:
                   f"neurocat gradcam ({args.layer})": ours_gradcam, f"pytorch-grad-cam GradCAM ({args.layer})": library_gradcam,
                   "neurocat gradcam (default: GAP input)": ours_gradcam_default,
                   "neurocat saliency fast=True (folded BN)": ours_saliency_fast}
-    best = {name: float("inf") for name in contenders}
-    for _ in range(args.repeats):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            for xb, tb in batches:
-                fn(xb, tb)
-            best[name] = min(best[name], time.perf_counter() - t0)
+    best, _ = best_of_interleaved({name: (lambda fn=fn: [fn(xb, tb) for xb, tb in batches])
+                                   for name, fn in contenders.items()}, args.repeats)
     rate = {name: len(x) / t for name, t in best.items()}
     print(f"images={len(x)} batch={args.batch_size} torch_threads={torch.get_num_threads()} repeats={args.repeats}")
     for name, r in rate.items():

@@ -9,9 +9,8 @@ interleaved, and its best time counts. Usage: python bench/faithfulness.py [--li
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import SHARED_DATA, predicted_inputs  # also puts the repository on sys.path
+from common import SHARED_DATA, best_of_interleaved, predicted_inputs  # also puts the repository on sys.path
 
 
 def exact_impute(x, removed, noise: float = 0.02, seed: int = 0):
@@ -82,12 +81,7 @@ def main() -> None:
             "ROAD imputation (neurocat)": lambda: Fa.impute(x, removed),
             "ROAD imputation (exact sparse solve per image)": lambda: exact_impute(x, removed),
         }
-        best = {name: float("inf") for name in contenders}
-        for _ in range(args.repeats):
-            for name, fn in contenders.items():
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
+        best, _ = best_of_interleaved(contenders, args.repeats)
     print(f"images={len(x)} steps={steps} torch_threads={torch.get_num_threads()} repeats={args.repeats}")
     for name, t in best.items():
         print(f"{name:50s} {t:7.2f} s")

@@ -13,9 +13,8 @@ Usage: python bench/ig_rules.py [--data DIR] [--every K] [--offset O] [--steps S
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import SHARED_DATA, predicted_inputs  # also puts the repository on sys.path
+from common import SHARED_DATA, best_of_interleaved, predicted_inputs  # also puts the repository on sys.path
 
 
 def main() -> None:
@@ -42,14 +41,8 @@ def main() -> None:
         "refined": lambda: A.refined_integrated_gradients(model, x, t, max_steps=M, steps=S, probes=P)[1],
         f"adaptive@{M}": lambda: A.integrated_gradients(model, x, t, steps=M, probes=P * M // S)[1],
     }
-    best = {r: float("inf") for r in runs}
-    errors = {}
     A.integrated_gradients(model, x[:1], t[:1], steps=2, rule="adaptive", probes=2)  # warm-up: fast form, threads
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            errors[name] = run()
-            best[name] = min(best[name], time.perf_counter() - start)
+    best, errors = best_of_interleaved(runs, args.repeats)
     print(f"{len(x)} images, {S} steps, {P} probes, refined to {100 * A.IG_TOLERANCE:g}% up to {M} steps, "
           f"torch threads {torch.get_num_threads()}")
     print("image        " + "  ".join(f"{r:>13s}" for r in runs))
