@@ -24,6 +24,13 @@ class ClassNames:
     def __len__(self) -> int:
         return len(self.wnids)
 
+    def name_of(self, label) -> str:
+        """The readable name of a folder label that is an ImageNet WordNet id; any other
+        label as it is (missing: "")."""
+        if label is None or (isinstance(label, float) and label != label):
+            return ""
+        return self.names[self.index_of[label]] if label in self.index_of else str(label)
+
 
 @functools.lru_cache(maxsize=1)
 def imagenet_classes() -> ClassNames:

@@ -69,6 +69,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from engine.classes import imagenet_classes
 from storage.files import write_csv
 from storage.store import Store
 
@@ -166,6 +167,13 @@ def when(iso: str | None) -> str:
         return str(iso)
 
 
+def class_label(label: Any) -> str:
+    """A folder label with its ImageNet class name when it is a WordNet id
+    (`n01440764 · tench`); any other label as it is."""
+    name = imagenet_classes().name_of(label)
+    return f"{label} · {name}" if name and name != str(label) else name
+
+
 def one_line(exc: BaseException) -> str:
     """`Type: message` of an exception, first line only, for the index and the artifacts."""
     text = str(exc).strip().splitlines()
@@ -186,6 +194,7 @@ class Site:
         )
         self.env.filters["fmt"] = fmt
         self.env.filters["when"] = when
+        self.env.filters["class_label"] = class_label
         self.env.globals["asset"] = asset
         self.sections: list[Section] = []
         self.pages: list[str] = []

@@ -268,6 +268,12 @@ def test_planted_label_errors_ranked_at_the_top(first_audit, planted):
         if i["path"] in errors:
             true = next(sc for sc, imgs in planted["used"].items() for s in imgs if planted["rel"][s] == i["path"])
             assert i["suggested"] == true and i["given"] != true and i["score"] > 0
+    # labels that are no ImageNet WordNet ids are shown as they are (ids get their class name)
+    from reports.site import class_label
+    page = (Path(first_audit["opts"].report) / "audit.html").read_text()
+    assert f"given <b>{issues[0]['given']}</b> → suggested <b>{issues[0]['suggested']}</b>" in page
+    assert class_label("n01440764") == "n01440764 · tench" and class_label("bird") == "bird"
+    assert class_label(None) == "" and class_label(float("nan")) == ""
 
 
 def test_rerun_gives_identical_findings_and_gate_fails_after_writing(first_audit):

@@ -35,13 +35,6 @@ def _slug(layer: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", layer)
 
 
-def _class_name(label) -> str:
-    classes = imagenet_classes()
-    if label is None or (isinstance(label, float) and np.isnan(label)):
-        return ""
-    return classes.names[classes.index_of[label]] if label in classes.index_of else str(label)
-
-
 def _histogram_bars(hist: np.ndarray, edges: np.ndarray) -> dict | None:
     """The occupied range of a log-bin histogram as at most HIST_BARS bars (heights 0..1)."""
     nz = np.flatnonzero(hist)
@@ -82,6 +75,7 @@ def _unit_rows(site: Site, L: _Layer, labels: np.ndarray) -> list[dict]:
     """One row per unit for the index pages (writes each unit's top-1 patch thumbnail)."""
     st = L.stats
     tops = top_classes(L.lists["top"][1], labels, n=1)
+    name_of = imagenet_classes().name_of
     rows = []
     for c in range(L.units):
         has_top = L.lists["top"][1][c, 0] >= 0
@@ -89,7 +83,7 @@ def _unit_rows(site: Site, L: _Layer, labels: np.ndarray) -> list[dict]:
         rows.append({"unit": c, "href": f"unit-{c}.html", "thumb": thumb, "dead": bool(st["dead"][c]),
                      "selectivity": float(st["selectivity"][c]), "rate": float(st["rate"][c]),
                      "mean": float(st["mean"][c]), "max": float(st["max"][c]),
-                     "top_class": _class_name(tops[c][0][0]) if tops[c] else "",
+                     "top_class": name_of(tops[c][0][0]) if tops[c] else "",
                      "top_class_count": tops[c][0][1] if tops[c] else 0})
     return rows
 
@@ -105,6 +99,7 @@ def _unit_page(site: Site, L: _Layer, c: int, images: dict[str, np.ndarray], row
                labels: np.ndarray, tops) -> None:
     """Unit c's page; `images` are its rows of the layer's image arrays."""
     st = L.stats
+    classes = imagenet_classes()
     lists = {}
 
     def picture(name: str) -> str | None:
@@ -120,13 +115,12 @@ def _unit_page(site: Site, L: _Layer, c: int, images: dict[str, np.ndarray], row
             img = (site.thumbnail(patches[k], row["thumb"]) if (which, k) == ("top", 0)  # the unit lists' thumbnail
                    else site.inline_thumbnail(patches[k]))
             items.append({"img": img,
-                          "path": paths[i], "label": _class_name(labels[i]), "score": float(v),
+                          "path": paths[i], "label": classes.name_of(labels[i]), "score": float(v),
                           "rank": k + 1})
         lists[which] = items
     class_mean = st["class_mean"][c]
     known = np.flatnonzero(~np.isnan(class_mean))
     best = known[np.argsort(-class_mean[known], kind="stable")[:5]]
-    classes = imagenet_classes()
     facts = {"images": L.attrs.get("images"), "mean score": f"{st['mean'][c]:.4g}", "std": f"{st['std'][c]:.4g}",
              "min / max": f"{st['min'][c]:.4g} / {st['max'][c]:.4g}", "firing rate": f"{st['rate'][c]:.3f}",
              "class selectivity": f"{st['selectivity'][c]:.3f}" if np.isfinite(st["selectivity"][c]) else "–"}
@@ -136,7 +130,7 @@ def _unit_page(site: Site, L: _Layer, c: int, images: dict[str, np.ndarray], row
         unit=c, units=L.units, row=row, facts=facts, lists=lists,
         quantiles=list(zip(L.levels, st["quantiles"][c].tolist())),
         hist=_histogram_bars(st["hist"][c], L.edges),
-        top_classes=[{"name": _class_name(w), "wnid": w, "count": n} for w, n in tops[c]],
+        top_classes=[{"name": classes.name_of(w), "wnid": w, "count": n} for w, n in tops[c]],
         class_means=[{"name": classes.names[k], "wnid": classes.wnids[k], "mean": float(class_mean[k])} for k in best],
         overlay=picture("overlay") if lists["top"] else None,
         projection=picture("projection"),
@@ -151,6 +145,7 @@ def _activation_page(site: Site, layers: list[str], labels: np.ndarray) -> str |
     if not store.has("catalog/activation_inputs"):
         return None
     inputs = store.array("catalog/activation_inputs")
+    name_of = imagenet_classes().name_of
     image_index = store.attrs("catalog/activation_inputs")["image_index"]
     layers = [layer for layer in layers if store.has(f"catalog/{layer}/activation_maps")
               and store.attrs(f"catalog/{layer}/activation_maps").get("image_index") == image_index]
@@ -172,7 +167,7 @@ def _activation_page(site: Site, layers: list[str], labels: np.ndarray) -> str |
                 "tiles": [{"coords": ",".join(map(str, box)), "href": f"{_slug(layer)}/unit-{u}.html",
                            "title": f"unit {u}: max {on_image[u]:.3g} here, {peaks[layer][u]:.3g} on the dataset"}
                           for u, box in enumerate(boxes)]})
-        images.append({"index": i, "path": site.manifest["path"].iloc[i], "label": _class_name(labels[i]),
+        images.append({"index": i, "path": site.manifest["path"].iloc[i], "label": name_of(labels[i]),
                        "img": site.image(inputs[m], f"catalog/activations/{m}-input.webp"), "side": inputs.shape[1],
                        "grids": grids})
     site.render("catalog_activations.html", "catalog/activations.html", title="Activation maps", images=images)
