@@ -422,7 +422,7 @@ def test_imputation_solves_odd_sized_noise_images():
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
 def test_imputation_is_close_to_the_exact_sparse_solve(model, batch, fraction):
     """On shared photos with their Grad-CAM's most relevant pixels removed (one large hole, as
-    ROAD's MoRF makes), the multigrid imputation is within 0.01 on average (0.1 at worst) of
+    ROAD's MoRF makes), the multigrid imputation is within 0.005 on average (0.06 at worst) of
     the exact solution, in normalised units where ROAD's noise has std 0.02; kept pixels are
     untouched and the noise is exactly `noise` x N(0, 1) of the seed."""
     _, x, t = batch
@@ -433,7 +433,7 @@ def test_imputation_is_close_to_the_exact_sparse_solve(model, batch, fraction):
         hole = removed[i, 0].bool()
         want = torch.from_numpy(sparse_imputation(x[i].double().numpy(), hole.numpy())).float()
         error = (got[i] - want)[:, hole].abs()
-        assert float(error.mean()) < 0.01 and float(error.max()) < 0.1, (float(error.mean()), float(error.max()))
+        assert float(error.mean()) < 0.005 and float(error.max()) < 0.06, (float(error.mean()), float(error.max()))
         assert torch.equal(got[i][:, ~hole], x[i][:, ~hole])
     noisy = Fa.impute(x, removed, noise=0.02, seed=5)
     noise = removed * 0.02 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
