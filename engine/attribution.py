@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 from typing import Callable, Iterator
 
 import numpy as np
@@ -138,13 +139,15 @@ def _layer_activation(model: LoadedModel, layer: str | None, leaf: bool) -> Iter
     really pooled; EfficientNet's post-head ReLU6 is a shared module that cannot be hooked).
 
     With `leaf=True` the activation is replaced by a detached copy that requires grad, so
-    a backward pass from the logits stops at A instead of running down to the pixels.
+    a backward pass from the logits stops at A instead of running down to the pixels. The net
+    goes on with a copy of A: it may change its input in place (AlexNet's ReLU(inplace=True)
+    after its last conv, ResNet's `out += identity`), which A must not see.
     """
     out: dict[str, torch.Tensor] = {}
 
     def keep(a: torch.Tensor) -> torch.Tensor:
         out["act"] = a.detach().requires_grad_(True) if leaf else a
-        return out["act"]
+        return out["act"].clone()
 
     if layer is None and is_gap_net(model):
         gap = model.layer("fc7")
@@ -318,7 +321,7 @@ def adaptive_quadrature(scores: torch.Tensor, alphas: torch.Tensor, steps: int, 
     off the probes as the change of slope between neighbouring probe intervals, and the
     mass is (1 - `uniform`) x that sqrt(V) density plus `uniform` x length, so every part
     of the path keeps some nodes."""
-    alphas = alphas.to(torch.float64)
+    alphas = alphas.to(device=scores.device, dtype=torch.float64)
     length = alphas.diff()
     slope = scores.to(torch.float64).diff(dim=1) / length
     jump = slope.diff(dim=1).abs()
@@ -327,7 +330,7 @@ def adaptive_quadrature(scores: torch.Tensor, alphas: torch.Tensor, steps: int, 
     mass = (1 - uniform) * mass / mass.sum(1, keepdim=True).clamp(min=1e-300) + uniform * length
     cum = torch.cat([torch.zeros_like(mass[:, :1]), mass.cumsum(1)], 1)
     cum = cum / cum[:, -1:]
-    level = torch.linspace(0, 1, steps + 1, dtype=torch.float64).expand(len(cum), -1).contiguous()
+    level = torch.linspace(0, 1, steps + 1, dtype=torch.float64, device=cum.device).expand(len(cum), -1).contiguous()
     j = (torch.searchsorted(cum, level, right=True) - 1).clamp(0, len(length) - 1)
     frac = ((level - cum.gather(1, j)) / (cum.gather(1, j + 1) - cum.gather(1, j))).clamp(0, 1)
     edges = alphas[j] + frac * length[j]
@@ -446,15 +449,17 @@ def refined_integrated_gradients(model: LoadedModel, x: torch.Tensor, targets: t
 def smoothgrad(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, samples: int = 16,
                noise: float = 0.15, chunk: int = 32, seed: int = 0) -> torch.Tensor:
     """Mean |dS_t/dI| over `samples` copies of x with Gaussian noise of std `noise` x (max - min)
-    of each image, then max over colour channels. Seeded: a rerun gives the same map."""
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    of each image, then max over colour channels. Seeded per image (`smoothgrad_noise`): a
+    rerun gives the same map, whatever batch or chunk the image is in."""
     sigma = noise * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+    keys = [image_key(image) for image in x]
     total = torch.zeros_like(x)
     flat_targets = targets.repeat_interleave(samples)
 
     def make(idx):
         b = idx // samples
-        eps = torch.randn(x[b].shape, generator=gen, device=x.device, dtype=x.dtype)
+        eps = torch.stack([smoothgrad_noise(keys[i], s, x.shape[1:], seed) for i, s in
+                           zip(b.tolist(), (idx % samples).tolist())]).to(device=x.device, dtype=x.dtype)
         return x[b] + sigma[b].view(-1, 1, 1, 1) * eps
 
     def reduce(idx, grad):
@@ -465,11 +470,23 @@ def smoothgrad(model: LoadedModel, x: torch.Tensor, targets: torch.Tensor, sampl
     return (total / samples).amax(1)
 
 
+def image_key(image: torch.Tensor) -> int:
+    """A number from an image's values (CRC-32 of its bytes): what seeds its SmoothGrad noise."""
+    return zlib.crc32(image.detach().float().cpu().numpy().tobytes())
+
+
+def smoothgrad_noise(key: int, sample: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """N(0, 1) noise [shape] of the `sample`-th noisy copy of the image with `image_key` key."""
+    gen = torch.Generator().manual_seed(((seed * 1_000_003 + key) * 1_000_003 + sample) % 2**63)
+    return torch.randn(shape, generator=gen)
+
+
 # ---- perturbation -----------------------------------------------------------------------
 def occluder_masks(size: int, patch: int, stride: int, device=None) -> torch.Tensor:
     """Square occluders [P, size, size] (1 = hidden) on a grid that covers the whole image."""
-    if not 0 < patch <= size or stride < 1:
-        raise InputError(f"occlusion needs 0 < patch <= {size} and stride >= 1 (got {patch}, {stride})")
+    if not 0 < patch <= size or not 1 <= stride <= patch:  # a stride over the patch leaves pixels unscored
+        raise InputError(f"occlusion needs 0 < patch <= {size} and 1 <= stride <= patch (got patch {patch}, "
+                         f"stride {stride})")
     starts = list(range(0, size - patch + 1, stride))
     if starts[-1] != size - patch:
         starts.append(size - patch)

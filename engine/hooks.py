@@ -22,6 +22,12 @@ def forward_hooks(module: nn.Module, hooks: dict[str, Callable]) -> Iterator[Non
             h.remove()
 
 
+def snapshot(out: torch.Tensor, detach: bool = True) -> torch.Tensor:
+    """A hooked output that the rest of the forward pass cannot change: ResNet's blocks add
+    the identity in place onto their bn2's output (`out += identity`)."""
+    return (out.detach() if detach else out).clone()
+
+
 @contextlib.contextmanager
 def capture(module: nn.Module, layers: list[str], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Collect the outputs of `layers` during forward passes inside the block.
@@ -33,7 +39,7 @@ def capture(module: nn.Module, layers: list[str], detach: bool = True) -> Iterat
 
     def hook_for(name: str):
         def hook(_m, _inputs, out):
-            outputs[name] = out.detach() if detach else out
+            outputs[name] = snapshot(out, detach)
         return hook
 
     with forward_hooks(module, {name: hook_for(name) for name in layers}):

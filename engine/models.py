@@ -283,6 +283,9 @@ def load_model(
     elif require_weights:
         raise InputError(f"model {name} needs --weights FILE (a local state_dict); nothing is downloaded")
     module.eval().requires_grad_(False).to(device)
+    for m in module.modules():  # a hooked layer's output must keep its values (torchvision's ReLU(inplace=True))
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
     return LoadedModel(spec, module, str(path) if path else None, sha, device)
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from engine.fast import FastModel, fast_module
-from engine.hooks import forward_hooks
+from engine.hooks import forward_hooks, snapshot
 from engine.models import LoadedModel
 
 Activations = dict[str, torch.Tensor]
@@ -80,7 +80,7 @@ class UptoModel:
 
         def hook_for(name: str) -> Callable:
             def hook(_m, _i, out):
-                acts[name] = out if self.fm.for_grad else out.detach()
+                acts[name] = snapshot(out, detach=not self.fm.for_grad)
                 if wanted <= acts.keys():
                     raise _AllSeen
             return hook

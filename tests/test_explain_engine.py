@@ -104,6 +104,34 @@ def test_gradcam_equals_pytorch_grad_cam(model, batch, layer):
     assert np.abs(ours.numpy() - ref).max() < 1e-4
 
 
+def test_gradcam_at_a_layer_the_net_then_changes_in_place(batch):
+    """AlexNet's default Grad-CAM layer (its last conv) feeds ReLU(inplace=True), ResNet's bn2
+    feeds `out += identity`: Grad-CAM runs there and equals a brute force from the layer's
+    output captured apart (architecture only: random weights, shared images)."""
+    from engine.models import load_model
+
+    _, x, _ = batch
+    t = torch.tensor([3, 7])
+    torch.manual_seed(0)
+    rest = {  # the net from the layer's output on, written out, given the captured activations
+        "alexnet": ("features.10", lambda m, a, acts: m.classifier(torch.flatten(m.avgpool(m.features[11:](a)), 1))),
+        "resnet18": ("layer4.1.bn2", lambda m, a, acts: m.fc(torch.flatten(m.avgpool(F.relu(a + acts["layer4.0"])), 1))),
+    }
+    for name, (layer, head) in rest.items():
+        m = load_model(name, require_weights=False)
+        ours = A.gradcam(m, x, t, layer=None if name == "alexnet" else layer)  # alexnet: its default layer
+        with torch.no_grad(), capture(m.module, [layer, "layer4.0"] if name == "resnet18" else [layer]) as acts:
+            m.module(x)
+        acts = {k: v.clone() for k, v in acts.items()}
+        a = acts[layer].requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(head(m.module, a * 1, acts).gather(1, t[:, None]).sum(), a)
+        cams = F.relu((g.mean((2, 3), keepdim=True) * a.detach()).sum(1, keepdim=True))
+        cams = F.interpolate(cams, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0].flatten(1)
+        cams = cams - cams.amin(1, keepdim=True)
+        assert rel_err(ours, (cams / (1e-7 + cams.amax(1, keepdim=True))).view_as(ours)) < 1e-4, name  # grad-cam's scaling
+
+
 def test_cam_is_classifier_weights_on_the_pooled_activation(model, batch):
     """Brute force: EfficientNet pools ReLU6(_bn1(...)); CAM = sum_k w_ck of that, upsampled."""
     _, x, t = batch
@@ -133,6 +161,14 @@ def test_integrated_gradients_reports_its_completeness_error(model, batch):
     _, x, t = batch
     attr, error = A.integrated_gradients(model, x[:1], t[:1], steps=8)
     assert np.allclose(error.numpy(), completeness(model, x[:1], t[:1], attr), atol=1e-3)
+
+
+def test_adaptive_quadrature_stays_on_the_scores_device():
+    """The probes are made on the CPU, the scores come from the model's device (CUDA on a GPU
+    worker; PyTorch's shape-only meta device stands in for it here)."""
+    probes = A.probe_alphas(16)
+    nodes, weights = A.adaptive_quadrature(torch.rand(2, 17, dtype=torch.float64, device="meta"), probes, 8)
+    assert nodes.device.type == weights.device.type == "meta" and nodes.shape == weights.shape == (2, 8)
 
 
 def test_adaptive_quadrature_crowds_nodes_into_a_spike():
@@ -328,13 +364,28 @@ def test_occluders_cover_the_image():
     assert masks.sum(0).min() >= 1 and masks.shape[1:] == (224, 224)
     with pytest.raises(Exception, match="patch"):
         A.occluder_masks(224, 0, 16)
+    with pytest.raises(InputError, match="stride <= patch"):  # would leave pixels between occluders unscored
+        A.occluder_masks(224, 16, 32)
 
 
-def test_smoothgrad_is_seeded_and_batched(model, batch):
+def test_smoothgrad_of_an_image_is_its_own_whatever_the_batch(model, batch):
+    """Brute force from its definition (mean |gradient| of the noisy copies, max over colours)
+    with the noise the image's key gives, and the same map alone, first or second in a batch,
+    in other chunks (float noise of oneDNN's batch-size-dependent kernels aside)."""
     _, x, t = batch
-    both = A.smoothgrad(model, x, t, samples=2, chunk=3)
-    again = A.smoothgrad(model, x, t, samples=2, chunk=3)
-    assert torch.equal(both, again) and both.shape == (2, 224, 224)
+    both = A.smoothgrad(model, x, t, samples=3, chunk=4)
+    assert torch.equal(both, A.smoothgrad(model, x, t, samples=3, chunk=4)) and both.shape == (2, 224, 224)
+    alone = A.smoothgrad(model, x[1:], t[1:], samples=3, chunk=2)
+    swapped = A.smoothgrad(model, x.flip(0), t.flip(0), samples=3, chunk=3)
+    assert rel_err(alone[0], both[1]) < 1e-2 and rel_err(swapped[0], both[1]) < 1e-2
+    sigma = 0.15 * (x[1].max() - x[1].min())
+    grads = []
+    for s in range(3):
+        noisy = (x[1] + sigma * A.smoothgrad_noise(A.image_key(x[1]), s, x.shape[1:]))[None].requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(model.module(noisy)[0, t[1]], noisy)
+        grads.append(g[0].abs())
+    assert rel_err(both[1], torch.stack(grads).mean(0).amax(0)) < 1e-2
 
 
 def test_targets():

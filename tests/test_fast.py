@@ -227,3 +227,28 @@ def test_fusion_on_other_architectures(shared_batch, name, layer, fused_relus):
     assert (logits - ref_logits).abs().max().item() < 1e-4 * scale
     assert torch.equal(logits.argmax(1), ref_logits.argmax(1))
     assert (acts[layer] - ref[layer]).abs().max().item() < 1e-4 * ref[layer].abs().max().item()
+
+
+@pytest.mark.parametrize("fast", ["on", "off"])
+@pytest.mark.parametrize("name, layers", [("alexnet", ("features.10", "features.12")),
+                                          ("resnet18", ("layer4.1.bn2", "layer4.1"))])
+def test_layers_the_net_changes_in_place_keep_their_own_output(shared_batch, name, layers, fast):
+    """AlexNet's conv feeds ReLU(inplace=True), ResNet's bn2 feeds `out += identity`: asked
+    together with a later layer, each layer still gives its own output (before the in-place op),
+    on the fast path and on the eager one. Seeded random weights, so compared to scale."""
+    from engine.hooks import forward_hooks
+    from engine.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model(name, require_weights=False)
+    x = shared_batch[:2]
+    ref = {}
+    def keep(layer):
+        def hook(_m, _i, out):
+            ref[layer] = out.clone()
+        return hook
+    with torch.inference_mode(), forward_hooks(model.module, {layer: keep(layer) for layer in layers}):
+        model.module(x)
+    _, acts = run_model(model, x, layers, fast=NO_COMPILE if fast == "on" else FastOptions.off())
+    for layer in layers:
+        assert (acts[layer] - ref[layer]).abs().max().item() < 1e-4 * ref[layer].abs().max().item(), layer

@@ -36,7 +36,7 @@ from torch import fx, nn
 
 from engine.errors import InputError
 from engine.fast import FastOptions, Unsupported, build_graph
-from engine.hooks import forward_hooks
+from engine.hooks import forward_hooks, snapshot
 from engine.models import LoadedModel
 from engine.optvis.objectives import Objective
 from engine.optvis.param import ImageParam, tensor_to_image
@@ -176,7 +176,7 @@ def _hooked_outputs(model: LoadedModel, module: nn.Module, x: torch.Tensor, path
 
     def hook_for(path):
         def hook(_m, _i, out):
-            acts[path] = out
+            acts[path] = snapshot(out, detach=False)
             if len(acts) == len(paths):
                 raise _Collected
         return hook
