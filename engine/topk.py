@@ -268,8 +268,9 @@ def states_from_arrays(arrays: dict[str, np.ndarray]) -> LayerStates:
 
 
 def merge_states(parts: list[LayerStates]) -> LayerStates:
-    """Merge the states of disjoint image sets, layer by layer (the first part is reused)."""
-    out = parts[0]
+    """Merge the states of disjoint image sets, layer by layer, into a new state: the parts
+    stay as they were, so a merge task that runs again gets the same result."""
+    out = {layer: ChannelStats.from_arrays(state.to_arrays()) for layer, state in parts[0].items()}
     for part in parts[1:]:
         for layer, state in part.items():
             out[layer].merge(state)
