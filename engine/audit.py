@@ -127,6 +127,8 @@ def tail_fpr(negatives: np.ndarray, tail: float = 0.01, min_tail: int = 50):
     threshold; the scale from the median excess, so the few true duplicates a dataset may
     hold among its "distinct" pairs barely move it)."""
     neg = np.sort(np.asarray(negatives, dtype=np.float64))
+    if not len(neg):  # one usable image, or only copies of one picture: no distinct pair can be a false one
+        return (lambda t: 0.0), math.inf, 1e-6
     tail = min(max(tail, min_tail / max(len(neg), 1)), 0.5)
     u = float(np.quantile(neg, 1 - tail))
     above = neg[neg > u]
@@ -262,8 +264,8 @@ def duplicate_findings(unit: np.ndarray, hashes: np.ndarray, manifest: pd.DataFr
     A cluster's `score` is the lowest cosine among its linked pairs; `leak` says it spans
     more than one split (train/val/test folders or the metadata's split column).
     """
-    rows = np.flatnonzero(usable)
-    exact = exact_pairs(manifest["sha256"].to_numpy(), np.flatnonzero(manifest["sha256"].notna().to_numpy()))
+    rows = np.flatnonzero(usable)  # skipped files (empty, not images) are no images: their bytes pair nothing
+    exact = exact_pairs(manifest["sha256"].to_numpy(), np.flatnonzero(usable & manifest["sha256"].notna().to_numpy()))
     near = np.concatenate([similar_pairs(unit, rows, cos_threshold), range_pairs_hash(hashes, rows, hash_threshold)])
     pairs = np.unique(np.concatenate([exact, np.sort(near, axis=1)]), axis=0)
     if not len(pairs):
@@ -467,9 +469,9 @@ def read_metadata(path: str) -> pd.DataFrame:
         raise InputError(f"metadata file {path} is not a readable CSV: {str(e).splitlines()[0]}") from None
     if "path" not in df.columns:
         raise InputError(f"metadata file {path} has no `path` column (columns: {', '.join(map(str, df.columns))})")
-    if df["path"].duplicated().any():
+    df["path"] = df["path"].str.replace("\\", "/", regex=False).str.replace(r"^(?:\./)+", "", regex=True)
+    if df["path"].duplicated().any():  # after normalising: `./a.jpg` and `a.jpg` are one image
         raise InputError(f"metadata file {path} lists {df['path'].duplicated().sum()} paths more than once")
-    df["path"] = df["path"].str.replace("\\", "/", regex=False).str.lstrip("./")
     return df
 
 
@@ -610,21 +612,23 @@ def context_reliance_findings(manifest: pd.DataFrame, ctx: dict[str, np.ndarray]
 # ---- drift ----------------------------------------------------------------------------------
 def image_changes(previous: pd.DataFrame, current: pd.DataFrame) -> dict:
     """Added, removed, moved (same bytes, new path) and modified (same path, new bytes) images."""
-    prev = dict(zip(previous["path"], previous["sha256"]))
-    cur = dict(zip(current["path"], current["sha256"]))
+    # a file that could not be read has no hash: it is never "moved", nor "modified" while it stays unread
+    prev = {p: h if isinstance(h, str) else None for p, h in zip(previous["path"], previous["sha256"])}
+    cur = {p: h if isinstance(h, str) else None for p, h in zip(current["path"], current["sha256"])}
     added = sorted(set(cur) - set(prev))
     removed = sorted(set(prev) - set(cur))
     removed_by_sha: dict[str, list[str]] = {}
     for p in removed:
-        removed_by_sha.setdefault(prev[p], []).append(p)
+        if prev[p] is not None:
+            removed_by_sha.setdefault(prev[p], []).append(p)
     moved = []
     for p in added:
-        olds = removed_by_sha.get(cur[p])
+        olds = removed_by_sha.get(cur[p]) if cur[p] is not None else None
         if olds:
             moved.append({"from": olds.pop(0), "to": p})
     moved_from, moved_to = {m["from"] for m in moved}, {m["to"] for m in moved}
     return {"added": [p for p in added if p not in moved_to], "removed": [p for p in removed if p not in moved_from],
-            "moved": moved, "modified": sorted(p for p in set(cur) & set(prev) if cur[p] != prev[p])}
+            "moved": moved, "modified": sorted(p for p in set(cur) & set(prev) if cur[p] != prev[p] and (cur[p] or prev[p]))}
 
 
 RESCORED = "rescored"  # the cause of a new or resolved finding about images that did not change

@@ -143,7 +143,8 @@ def run_context(opts: RunOptions, store: Store, manifest: pd.DataFrame, usable: 
                            attrs={**prov, "cam_level": settings.cam_level}, fill_value=np.nan)
     shards = plan_shards(n, opts.shard_size)
     sel = manifest.assign(status=np.where(chosen, manifest["status"], "not chosen"))
-    fps = [shard_fingerprint(CONTEXT_JOB, sel, s, prov, settings.cam_level, targets[s.start:s.stop].tolist())
+    fps = [shard_fingerprint(CONTEXT_JOB, sel, s, prov, settings.cam_level, targets[s.start:s.stop].tolist(),
+                             np.flatnonzero(chosen[s.start:s.stop]).tolist())  # another --context-per-class redoes it
            for s in shards]
 
     def kwargs(s):

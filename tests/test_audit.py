@@ -412,3 +412,81 @@ def test_dhash_is_robust_to_rescale_and_not_to_other_images(shared_images):
     same = audit.hamming(a, b)
     other = audit.hamming(a, np.roll(b, 1, axis=0))
     assert same.max() <= 8 < other.min()
+
+
+def test_calibration_without_distinct_pairs_flags_nothing_false():
+    """One usable image, or only copies of one picture (every pair within SAME_HASH bits): no
+    distinct pair exists to calibrate on, so the expected false pairs are 0, not a crash."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=16).astype(np.float32)
+    for feats in (base[None], np.stack([base, base + 0.01, base - 0.01])):
+        n = len(feats)
+        unit = audit.unit_rows(feats)
+        hashes = np.repeat(rng.integers(0, 256, (1, 8), dtype=np.uint8), n, axis=0)
+        neg_cos, neg_hash = audit.negative_pairs(unit, hashes, np.ones(n, bool), [f"sha{i}" for i in range(n)])
+        cal = audit.calibrate(np.array([0.95]), np.array([-2.0]), np.array(["jpeg"]), neg_cos, neg_hash, n)
+        assert cal["fc7_cosine"]["expected_false_pairs"] == 0 and cal["dhash"]["expected_false_pairs"] == 0
+
+
+def test_skipped_files_with_equal_bytes_are_no_duplicates():
+    """Two empty files (skipped: not images) in train/ and val/ share their bytes but are no
+    images: no duplicate cluster, no leak; two usable byte-identical images still are one."""
+    import hashlib
+
+    empty = hashlib.sha256(b"").hexdigest()
+    manifest = pd.DataFrame({"path": ["train/dog/a.jpg", "train/dog/broken.jpg", "val/dog/b.jpg",
+                                      "val/dog/broken.jpg", "val/dog/a_copy.jpg"],
+                             "label": ["dog"] * 5, "split": ["train", "train", "val", "val", "val"],
+                             "sha256": ["h1", empty, "h2", empty, "h1"],
+                             "status": ["ok", "skipped", "ok", "skipped", "ok"]})
+    usable = manifest["status"].to_numpy() == "ok"
+    rng = np.random.default_rng(0)
+    unit = audit.unit_rows(rng.normal(size=(5, 32)).astype(np.float32))
+    unit[4] = unit[0]
+    hashes = rng.integers(0, 256, (5, 8), dtype=np.uint8)
+    hashes[4] = hashes[0]
+    found = audit.duplicate_findings(unit, hashes, manifest, usable, 0.99, 2)
+    assert [(f["paths"], f["kind"], f["leak"]) for f in found] == [(["train/dog/a.jpg", "val/dog/a_copy.jpg"],
+                                                                    "exact", True)]
+
+
+def test_metadata_paths_are_compared_after_normalising(tmp_path):
+    """`./a.jpg` and `a.jpg` name one image (a one-line error, not a crash later); a leading
+    dot of a file name is the name's, not a `./` prefix."""
+    from engine.errors import InputError
+
+    dup = _write(tmp_path / "dup.csv", pd.DataFrame({"path": ["train/dog/a.jpg", "./train/dog/a.jpg"], "g": ["x", "y"]}))
+    with pytest.raises(InputError, match="more than once"):
+        audit.read_metadata(str(dup))
+    odd = _write(tmp_path / "odd.csv", pd.DataFrame({"path": ["./.hidden.jpg", "..dots.jpg", "sub\\win.jpg"], "g": ["x"] * 3}))
+    assert audit.read_metadata(str(odd))["path"].tolist() == [".hidden.jpg", "..dots.jpg", "sub/win.jpg"]
+
+
+def test_drift_never_matches_files_that_could_not_be_read(tmp_path):
+    """Files without a content hash (unreadable) are not "moved" onto each other, and one that
+    stays unreadable is not "modified"; one that became unreadable is."""
+    prev = pd.DataFrame({"path": ["a.jpg", "old_unreadable.jpg", "same_unreadable.jpg", "broke.jpg"],
+                         "sha256": ["h1", None, None, "h2"]})
+    cur = pd.DataFrame({"path": ["a.jpg", "new_unreadable.jpg", "same_unreadable.jpg", "broke.jpg"],
+                        "sha256": ["h1", None, None, None]})
+    prev.to_parquet(tmp_path / "p.parquet")
+    cur.to_parquet(tmp_path / "c.parquet")  # as the store gives manifests back: None becomes NaN
+    changes = audit.image_changes(pd.read_parquet(tmp_path / "p.parquet"), pd.read_parquet(tmp_path / "c.parquet"))
+    assert changes == {"added": ["new_unreadable.jpg"], "removed": ["old_unreadable.jpg"], "moved": [],
+                       "modified": ["broke.jpg"]}
+
+
+def test_context_check_follows_a_new_selection_in_the_same_store(prefect_api, shared_images, tmp_path):
+    """A rerun on the same store with more images per class occludes the newly chosen ones
+    (the selection is part of each shard's inputs)."""
+    for folder, wnids in (("classA", ["n01440764", "n01494475", "n01514859"]),
+                          ("classB", ["n01532829", "n01560419", "n01601694"])):
+        for w in wnids:
+            place(next((shared_images / w).iterdir()), tmp_path / "data", "train", folder)
+    opts = RunOptions(data=str(tmp_path / "data"), store=str(tmp_path / "s.zarr"), report=str(tmp_path / "r"),
+                      batch_size=8)
+    for per_class in (1, 3):
+        audit_flow(opts, settings=AuditSettings(calibration_images=2, context_per_class=per_class, top_k=2))
+        found = json.loads((tmp_path / "r" / "findings.json").read_text())["context_reliance"]
+        assert sorted(f["images"] for f in found) == [per_class, per_class]
+        assert int(np.isfinite(Store(opts.store).read("audit/context/p_full")).sum()) == 2 * per_class
