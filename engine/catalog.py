@@ -287,8 +287,9 @@ def class_selectivity(class_means: np.ndarray) -> np.ndarray:
     """Morcos et al. (2018) class selectivity index per unit, [C] in [0, 1].
 
     (mu_max - mu_rest) / (mu_max + mu_rest) over the classes that have images, where mu_max
-    is the largest class-conditional mean activity and mu_rest the mean of the others. The
-    index assumes non-negative (post-ReLU) activity, so class means are rectified first; a
+    is the largest class-conditional mean activity and mu_rest the mean of the others. An
+    image's activity is the spatial mean of the unit's rectified map (ChannelStats.class_means;
+    Morcos et al. average the map of a post-ReLU unit): the index assumes it non-negative. A
     unit that is never positive gets 0, and fewer than two classes give NaN.
     """
     present = ~np.isnan(class_means).all(axis=0)
@@ -328,7 +329,7 @@ def catalog_arrays(state: ChannelStats) -> dict[str, tuple[np.ndarray, dict]]:
         "stats/quantiles": (state.quantiles().astype(np.float32),
                             {"levels": list(QUANTILE_LEVELS), "what": "score quantiles from the histogram"}),
         "stats/hist": (state.hist, {"edges": EDGES.tolist(), "what": "score histogram; bin b: edges[b-1] <= v < edges[b]"}),
-        "stats/class_mean": (state.class_means().astype(np.float32), {"what": "mean score per class (NaN: no image)"}),
+        "stats/class_mean": (state.class_means().astype(np.float32), {"what": "mean activity per class: spatial mean of the rectified map (NaN: no image)"}),
         "stats/selectivity": (selectivity.astype(np.float32), {"what": "class selectivity index (Morcos et al. 2018)"}),
     }
 
@@ -342,7 +343,7 @@ def stats_summary(state: ChannelStats) -> dict:
             "quantiles": [[_finite(v) for v in row] for row in np.round(q, 6)],
             "class_selectivity": [_finite(v) for v in np.round(selectivity, 6)],
             "class_selectivity_definition": "Morcos et al. 2018, (mu_max - mu_rest) / (mu_max + mu_rest) "
-                                            "on rectified class means of the score",
+                                            "on class means of the activity, the spatial mean of the rectified map",
             "dead_units": int(dead_units(state.max, state.rate).sum())}
 
 

@@ -6,8 +6,9 @@ output (DESIGN.md, "Top-K semantics"). `ChannelStats` keeps, per channel:
   lower image index), the activation map of the current top-1 image, count, mean and
   variance of the score (merged with Chan's parallel formula), min, max, how many of its
   activations (every position of every image) are above 0, a log-spaced histogram of the
-  score (a quantile sketch that merges exactly: counts add) and per-class sums of the score
-  (class means for selectivity).
+  score (a quantile sketch that merges exactly: counts add) and per-class sums of the unit's
+  activity, the spatial mean of its rectified map (Morcos et al. 2018 average a feature map;
+  the class means behind class selectivity).
 Everything is O(C·(K + bins + classes + H·W)), whatever the number of images, and merging
 two states gives the state of the concatenated streams, in any order or tree: top-K, counts,
 histogram and extremes exactly, means and variances up to float64 rounding.
@@ -25,7 +26,7 @@ import torch
 LOG_RANGE = (-4, 3)
 BINS_PER_DECADE = 32
 QUANTILE_LEVELS = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-STATE_FORMAT = 2  # part of every catalogue shard's fingerprint: a state saved in an older format is computed again
+STATE_FORMAT = 3  # part of every catalogue shard's fingerprint: a state saved in an older format is computed again
 
 
 def histogram_edges() -> np.ndarray:
@@ -65,7 +66,7 @@ class ChannelStats:
     max: np.ndarray  # float32 [C]
     positive: np.ndarray  # int64 [C] activations (positions x images) above 0
     hist: np.ndarray  # int64 [C, N_BINS]
-    class_sum: np.ndarray  # float64 [n_classes, C] sum of scores of each class's images
+    class_sum: np.ndarray  # float64 [n_classes, C] sum of the activity (mean of the rectified map) of each class's images
     class_count: np.ndarray  # int64 [n_classes]
 
     @classmethod
@@ -122,7 +123,7 @@ class ChannelStats:
             mean=score.mean(0, dtype=np.float64),
             m2=((score - score.mean(0, dtype=np.float64)) ** 2).sum(0), min=score.min(0), max=score.max(0),
             positive=np.count_nonzero(flat > 0, axis=(0, 2)).astype(np.int64), hist=_histogram(score),
-            class_sum=_class_sums(score, labels, self.class_sum.shape[0]),
+            class_sum=_class_sums(np.maximum(flat, 0).mean(axis=2), labels, self.class_sum.shape[0]),
             class_count=np.bincount(labels[labels >= 0], minlength=self.class_count.shape[0]).astype(np.int64),
         )
         self._absorb(batch, maps_are_per_row=True)
@@ -182,7 +183,8 @@ class ChannelStats:
         return self.positive / positions if positions else np.full(self.channels, np.nan)
 
     def class_means(self) -> np.ndarray:
-        """[C, n_classes] mean score per class; NaN for classes with no image."""
+        """[C, n_classes] mean activity (spatial mean of the rectified map) per class; NaN for
+        classes with no image."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return (self.class_sum / self.class_count[:, None]).T
 
@@ -243,10 +245,10 @@ def _histogram(score: np.ndarray) -> np.ndarray:
     return np.bincount(flat, minlength=c * N_BINS).reshape(c, N_BINS).astype(np.int64)
 
 
-def _class_sums(score: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    sums = np.zeros((n_classes, score.shape[1]), np.float64)
+def _class_sums(activity: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    sums = np.zeros((n_classes, activity.shape[1]), np.float64)
     known = labels >= 0
-    np.add.at(sums, labels[known], score[known].astype(np.float64))
+    np.add.at(sums, labels[known], activity[known].astype(np.float64))
     return sums
 
 
