@@ -506,7 +506,7 @@ def bh_adjust(p: np.ndarray) -> np.ndarray:
 def group_enrichment(top_rows: np.ndarray, codes: np.ndarray, n_values: int) -> tuple[np.ndarray, np.ndarray]:
     """Per unit and group value: count in the unit's top-K and the top-K size with a known
     group (images without a value for this column are left out of the test)."""
-    c = codes[top_rows]  # [C, K]
+    c = np.where(top_rows >= 0, codes[top_rows], -1)  # [C, K]; -1 rows: a catalogue's unfilled top-K slots
     known = (c >= 0).sum(1)
     counts = np.zeros((len(top_rows), n_values), np.int64)
     units = np.repeat(np.arange(len(top_rows)), c.shape[1])
@@ -547,7 +547,7 @@ def unit_bias_findings(layer: str, top_rows: np.ndarray, metadata_codes: dict[st
                         "k": int(known[unit]), "base_rate": round(float(rate), 4),
                         "enrichment": round(float(counts[unit, v] / known[unit] / rate), 3),
                         "p_value": float(p[unit, v]), "q_value": float(q[unit, v]),
-                        "top_paths": [str(paths[r]) for r in top_rows[unit]]})
+                        "top_paths": [str(paths[r]) for r in top_rows[unit] if r >= 0]})
     out.sort(key=lambda f: (f["q_value"], f["p_value"], f["layer"], f["unit"], f["column"], f["group"]))
     return out
 

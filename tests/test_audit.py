@@ -490,3 +490,17 @@ def test_context_check_follows_a_new_selection_in_the_same_store(prefect_api, sh
         found = json.loads((tmp_path / "r" / "findings.json").read_text())["context_reliance"]
         assert sorted(f["images"] for f in found) == [per_class, per_class]
         assert int(np.isfinite(Store(opts.store).read("audit/context/p_full")).sum()) == 2 * per_class
+
+
+def test_unfilled_catalogue_slots_count_for_no_group():
+    """A catalogue that saw fewer images than its top-K pads with -1: those slots are no image
+    (they used to count as the last row: known > population, NaN p-values)."""
+    codes = np.array([0, 0, 0, 1, 1, 1])
+    top = np.array([[0, 1, 3, 4, 2, 5, -1, -1], [3, 4, 5, 0, 1, -1, -1, -1]])
+    counts, known = audit.group_enrichment(top, codes, 2)
+    assert counts.tolist() == [[3, 3], [2, 3]] and known.tolist() == [6, 5]
+    paths = np.array([f"{i}.jpg" for i in range(6)])
+    found = audit.unit_bias_findings("L", top, {"g": (codes, ["a", "b"])}, np.ones(6, bool), paths, min_count=1,
+                                     alpha=1.01)
+    assert found and all(np.isfinite(f["p_value"]) and np.isfinite(f["q_value"]) for f in found)
+    assert all(len(f["top_paths"]) == f["k"] for f in found)  # the real rows only
