@@ -50,9 +50,17 @@ def to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.permute(0, 3, 1, 2).float().div(255.0).contiguous()
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounded to the nearest grey level."""
-    return x.detach().mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+def to_uint8(x: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
+    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounded to the nearest grey level;
+    or, given the `clean` images x was made from (on the grid), with each pixel's change
+    rounded toward zero: the stored image stays inside the eps-ball the float one is in
+    (nearest rounding makes an L-inf change of 0.5/255 one of 1/255, or 0.01 one of 3/255)."""
+    if clean is None:
+        return x.detach().mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    base = clean.detach().mul(255.0).round()
+    change = x.detach().mul(255.0) - base
+    levels = change.sign() * (change.abs() + 1e-4).floor()  # the 1e-4: float error of a whole level
+    return (base + levels).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 # ---- the pieces every attack is made of ---------------------------------------------------
@@ -302,11 +310,18 @@ def parse_eps(text: str | float) -> float:
     return value
 
 
-def parse_eps_list(text: str | Iterable) -> list[float]:
+def parse_eps_list(text: str | Iterable, norm: str | None = None) -> list[float]:
+    """The eps values, increasing and without repeats (a robustness curve's x axis). An L-inf
+    eps is a change of a [0, 1] pixel: over 1 it is a grey-level count typed without /255."""
     items = [t for t in str(text).split(",") if t.strip()] if isinstance(text, str) else list(text)
     if not items:
         raise InputError("no eps given: use e.g. --eps 1/255,2/255,4/255")
-    return [parse_eps(t) for t in items]
+    values = [parse_eps(t) for t in items]
+    if norm == "linf" and max(values) > 1:
+        big = next(t for t, v in zip(items, values) if v > 1)
+        raise InputError(f"L-inf eps {str(big).strip()} is over 1: eps is in [0, 1] pixel units (did you mean "
+                         f"{str(big).strip()}/255?)")
+    return sorted(set(values))
 
 
 def eps_label(eps: float, norm: str) -> str:

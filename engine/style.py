@@ -43,8 +43,11 @@ class StyleLayers:
 STYLE_LAYERS = {
     "efficientnet_lite0": StyleLayers(("_bn0", "_blocks.1", "_blocks.3", "_blocks.5", "_blocks.8"),
                                       "_blocks.5", smooth=2.0),
-    **{vgg: StyleLayers(("features.1", "features.6", "features.11", "features.20", "features.29"),
-                        "features.22", avg_pool=True) for vgg in ("vgg16", "vgg19")},
+    # Gatys et al.: relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 for style, relu4_2 for content
+    "vgg16": StyleLayers(("features.1", "features.6", "features.11", "features.18", "features.25"),
+                         "features.20", avg_pool=True),
+    "vgg19": StyleLayers(("features.1", "features.6", "features.11", "features.20", "features.29"),
+                         "features.22", avg_pool=True),
 }
 
 

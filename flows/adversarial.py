@@ -118,7 +118,7 @@ def run_adversarial(opts: RunOptions, store: Store, attack: str = "fgsm",
     `universal` first fits one perturbation per eps on the first `universal_images` usable
     images (one task; `steps` = sweeps), then every shard applies it."""
     spec = attack_spec(attack, norm, steps, step_size, random_start, targeted)
-    eps = parse_eps_list(eps_list)
+    eps = parse_eps_list(eps_list, norm)
     if transfer_weights and not transfer_model:
         raise InputError("--transfer-weights needs --transfer-model NAME")
     transfer = (transfer_model, transfer_weights) if transfer_model else None

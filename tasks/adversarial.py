@@ -91,10 +91,10 @@ def attack_shard(store_path: str, job: str, group: str, shard: int, start: int, 
         generator = torch.Generator(m.device).manual_seed(seed * 1_000_003 + int(batch.indices[0]))
         for eps, key, gain in zip(eps_list, keys, gains):
             if deltas:
-                adv = to_uint8(torch.clamp(x + deltas[key], 0, 1))
+                adv = to_uint8(torch.clamp(x + deltas[key], 0, 1), x)
             else:
                 with m.lock:  # other threads' hooks must not fire inside our forward passes
-                    adv = to_uint8(attack.run(forward, x, target, eps, generator))
+                    adv = to_uint8(attack.run(forward, x, target, eps, generator), x)
             pred, conf = classify(m, adv)
             out[f"{key}/pred"][rows], out[f"{key}/conf"][rows] = pred, conf
             if other is not None:

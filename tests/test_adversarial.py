@@ -63,8 +63,14 @@ def test_pgd_stays_in_eps_ball_and_pixel_range(batch, forward, pgd10):
     assert (pgd10 - x).abs().max() <= EPS + 1e-6
     assert pgd10.min() >= 0 and pgd10.max() <= 1
     assert ((pgd10 - x).abs() > EPS / 2).float().mean() > 0.5  # it used the budget
-    q = to_pixels(to_uint8(pgd10))  # the stored uint8 image stays in the ball too
+    q = to_pixels(to_uint8(pgd10, x))  # the stored uint8 image stays in the ball too
     assert (q - x).abs().max() <= EPS + 1e-6
+    for eps, norm in [(0.5 / 255, "linf"), (0.01, "linf"), (0.5, "l2")]:  # budgets between grey levels
+        adv = pgd(forward, x[:4], y[:4], eps, steps=2, norm=norm, generator=torch.Generator().manual_seed(1))
+        stored = to_pixels(to_uint8(adv, x[:4])) - x[:4]
+        size = stored.abs().flatten(1).amax(1) if norm == "linf" else stored.flatten(1).norm(dim=1)
+        assert (size <= eps + 1e-6).all(), (eps, norm, size)
+        assert (stored * (adv - x[:4]) >= 0).all() and (stored.abs() <= (adv - x[:4]).abs() + 1e-6).all()
     l2 = pgd(forward, x[:4], y[:4], 0.5, steps=2, norm="l2", generator=torch.Generator().manual_seed(1))
     norms = (l2 - x[:4]).flatten(1).norm(dim=1)
     assert (norms <= 0.5 + 1e-4).all() and (norms > 0.25).all()
@@ -179,6 +185,10 @@ def test_bad_eps_is_an_input_error(text):
 
 def test_eps_fractions_parse():
     assert parse_eps_list("1/255, 2/255,0.5") == [1 / 255, 2 / 255, 0.5]
+    assert parse_eps_list("8/255,1/255,4/255,1/255") == [1 / 255, 4 / 255, 8 / 255]  # a curve's x axis: increasing
+    assert parse_eps_list("0.5,3", "l2") == [0.5, 3.0]  # an L2 budget may exceed 1
+    with pytest.raises(InputError, match="did you mean 8/255"):
+        parse_eps_list("1/255,8", "linf")
 
 
 @pytest.mark.slow

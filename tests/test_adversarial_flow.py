@@ -45,7 +45,7 @@ def test_store_holds_what_the_attack_made(run, model):
         if eps == 8:  # the stored images are the engine's FGSM on the fast form, recomputed batch by batch as the flow ran them
             expected = np.concatenate([
                 to_uint8(fgsm(pixel_forward(model, fast=True), to_pixels(torch.from_numpy(clean[b])),
-                              torch.from_numpy(labels[b]).long(), eps / 255)).numpy()
+                              torch.from_numpy(labels[b]).long(), eps / 255), to_pixels(torch.from_numpy(clean[b]))).numpy()
                 for b in np.split(np.arange(len(clean)), np.flatnonzero(np.diff(shard_of)) + 1)])
             assert np.array_equal(adv, expected)
         gain = store.attrs(f"{root}/{key}/perturbation")["gain"]
@@ -121,7 +121,8 @@ def test_universal_perturbation_job(prefect_api, demo_data, tmp_path):
     assert delta.shape == (3, 224, 224) and np.abs(delta).max() <= 8 / 255 + 1e-6 and np.abs(delta).max() > 0
     clean = store.read(f"{root}/clean/images")
     x = clean.astype(np.float32) / np.float32(255)
-    expected = np.round(np.clip(x + delta.transpose(1, 2, 0), 0, 1) * np.float32(255)).astype(np.uint8)
+    change = (np.clip(x + delta.transpose(1, 2, 0), 0, 1) - x) * np.float32(255)  # stored: whole levels toward 0
+    expected = (clean + np.sign(change) * np.floor(np.abs(change) + 1e-4)).astype(np.uint8)
     assert np.array_equal(store.read(f"{root}/8_255/images"), expected)
     attrs = store.attrs(root)
     assert attrs["universal"]["fitted_on"] == 4 and len(attrs["universal"]["fooling_rate_per_sweep"]["8_255"]) <= 2

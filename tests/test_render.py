@@ -207,3 +207,24 @@ def test_fast_style_checkpoint_round_trips_without_pickle(tmp_path):
     assert back.config["n_styles"] == 3 and back.config["note"] == "x"
     x = torch.rand(1, 3, 20, 21)
     torch.testing.assert_close(back.build()(x, 2), net.eval()(x, 2))
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "vgg19"])
+def test_vgg_style_layers_are_gatys_relus(arch):
+    """Style at relu1_1 .. relu5_1, content at relu4_2 (Gatys et al. 2016), named from the
+    architecture itself: VGG-16 and VGG-19 put them at different indices."""
+    import torchvision
+
+    from engine.style import STYLE_LAYERS
+
+    names, block, conv = {}, 1, 0
+    for i, m in enumerate(getattr(torchvision.models, arch)().features):
+        if isinstance(m, torch.nn.Conv2d):
+            conv += 1
+        elif isinstance(m, torch.nn.ReLU):
+            names[f"features.{i}"] = f"relu{block}_{conv}"
+        elif isinstance(m, torch.nn.MaxPool2d):
+            block, conv = block + 1, 0
+    layers = STYLE_LAYERS[arch]
+    assert [names[s] for s in layers.style] == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+    assert names[layers.content] == "relu4_2"

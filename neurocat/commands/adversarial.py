@@ -40,7 +40,7 @@ def run(args) -> dict:
     from flows.adversarial import adversarial_flow, attack_spec
 
     # validate everything before Prefect starts: bad values exit 2 with one line
-    parse_eps_list(args.eps)
+    parse_eps_list(args.eps, args.norm)
     attack_spec(args.attack, args.norm, args.steps, args.step_size, not args.no_random_start, args.targeted)
     opts = run_options(args)
     if args.transfer_weights and not args.transfer_model:
