@@ -86,6 +86,10 @@ def scan_dataset(store_path: str, data: str, limit: int | None) -> dict:
         same = previous["sha256"].values == df["sha256"].values
         keep = same & (previous["status"].values == "skipped")
         df.loc[keep, ["status", "reason"]] = previous.loc[keep, ["status", "reason"]].values
+    if len(previous) and len(previous) != len(df):
+        # every row-indexed array is made anew at the new length (Store.create_array): no
+        # shard of any job is done any more, though a shard's own files may be the same
+        store.clear_jobs()
     store.write_manifest(df)
     return {"files": len(df), "ok": int((df["status"] == "ok").sum()),
             "skipped": int((df["status"] != "ok").sum())}

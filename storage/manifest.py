@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from engine.images import MAX_PIXELS, Entry, list_images, sha256_file
+from engine.images import Entry, list_images, sha256_file, size_refusal
 from storage.store import MANIFEST_COLUMNS
 
 
@@ -27,15 +27,17 @@ def _probe(root: Path, entry: Entry, known: dict[tuple, str]) -> dict:
             row.update(status="skipped", reason="empty file")
             return row
         with Image.open(full) as img:
-            w, h = img.size
-        if w * h > MAX_PIXELS:
-            row.update(status="skipped", reason=f"decompression bomb guard: {w}x{h} pixels exceeds {MAX_PIXELS}")
+            refusal = size_refusal(*img.size)
+        if refusal:
+            row.update(status="skipped", reason=refusal)
     except Image.DecompressionBombError as e:
         row.update(status="skipped", reason=f"decompression bomb guard: {e}")
     except Image.UnidentifiedImageError:
         row.update(status="skipped", reason="not an image (unrecognised format)")
     except OSError as e:
         row.update(status="skipped", reason=f"unreadable: {e.strerror or e}")
+    except (ValueError, SyntaxError) as e:  # Pillow's word for a corrupt header (PNG IHDR, PPM, TIFF sizes)
+        row.update(status="skipped", reason=f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     return row
 
 

@@ -225,6 +225,10 @@ class Store:
     def clear_job(self, job: str) -> None:
         shutil.rmtree(self.path / "_shards" / job, ignore_errors=True)
 
+    def clear_jobs(self) -> None:
+        """Every job's shard markers and states: for when the rows they index mean other images."""
+        shutil.rmtree(self.path / "_shards", ignore_errors=True)
+
     # ---- locking ------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

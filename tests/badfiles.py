@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import struct
 import zlib
@@ -20,6 +21,19 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def malformed_exif_jpeg(img: Image.Image) -> bytes:
+    """A JPEG that decodes, with Orientation 6 and a mistyped tag (ASCII under 0x0140, a SHORT
+    tag): Pillow's exif_transpose fails rewriting such an EXIF block (struct.error)."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Canon"
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif, quality=90)
+    data = bytearray(buf.getvalue())
+    i = data.index(b"\x01\x0f\x00\x02")  # the IFD entry of tag 0x010F, type ASCII
+    data[i:i + 2] = b"\x01\x40"
+    return bytes(data)
 
 
 def make_bad_folder(dst: Path, source_jpeg: Path) -> dict[str, str]:
@@ -47,6 +61,11 @@ def make_bad_folder(dst: Path, source_jpeg: Path) -> dict[str, str]:
     img.convert("CMYK").save(put("cmyk.jpg", "ok"))
     img.convert("P").save(put("palette.gif", "ok"))
     put("bomb.png", "skipped").write_bytes(png_header_only(20000, 20000))
+    put("line.png", "skipped").write_bytes(png_header_only(1, 20000))  # resized to 256 px wide: 5 GB
+    header = bytearray(png_header_only(32, 32))
+    header[11] = 12  # IHDR's length field one short: Pillow raises ValueError, not OSError
+    put("corrupt_header.png", "skipped").write_bytes(bytes(header))
+    put("bad_exif.jpg", "ok").write_bytes(malformed_exif_jpeg(img))
     for name in HOSTILE_NAMES:
         shutil.copy(source_jpeg, put(name, "ok"))
     return expected

@@ -74,6 +74,10 @@ def test_awkward_files(tmp_path, shared_images):
     assert "not an image" in reasons["n01440764/notes.jpg"]
     assert "bomb" in reasons["n01440764/bomb.png"]
     assert "truncated" in reasons["n01440764/truncated.jpg"]
+    assert "aspect ratio" in reasons["n01440764/line.png"] and "cannot decode" in reasons["n01440764/corrupt_header.png"]
+    # a malformed EXIF block still turns the picture upright (Orientation 6: a quarter turn)
+    with Image.open(tmp_path / "n01440764/bad_exif.jpg") as bad:
+        assert open_image(tmp_path / "n01440764/bad_exif.jpg").size == bad.size[::-1]
     # conversions keep the picture: 16-bit and grayscale agree with the 8-bit gray version
     gray, sixteen = decoded["n01440764/gray.jpg"].astype(int), decoded["n01440764/sixteen_bit.png"].astype(int)
     assert np.abs(gray - sixteen).mean() < 3

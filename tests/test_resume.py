@@ -54,6 +54,18 @@ def test_rerun_skips_finished_shards(prefect_api, shared_images, tmp_path):
     assert Store(opts.store).attrs()["timings"]["features"]["forward"] == forward
 
 
+def test_a_dataset_of_another_size_on_the_same_store_is_computed_whole(prefect_api, shared_images, tmp_path):
+    """Its arrays are made anew at the new length, so no shard is done any more (the first
+    shards' files are the same, and their rows used to stay zero): equal to a fresh store."""
+    grown = RunOptions(data=str(shared_images), store=str(tmp_path / "g.zarr"), limit=6, shard_size=2, batch_size=2)
+    predict_flow(grown.model_copy(update={"limit": 4}))
+    predict_flow(grown)
+    fresh = grown.model_copy(update={"store": str(tmp_path / "f.zarr")})
+    predict_flow(fresh)
+    logits = Store(grown.store).read("predict/logits")
+    assert np.abs(logits).max(1).min() > 1 and np.array_equal(logits, Store(fresh.store).read("predict/logits"))
+
+
 def test_second_writer_is_refused(tmp_path):
     store = Store(tmp_path / "l.zarr")
     with store.lock():
