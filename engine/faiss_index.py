@@ -30,6 +30,8 @@ def choose_kind(n: int, kind: str = "auto") -> str:
     if kind != "auto":
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {kind!r}; one of auto, {', '.join(KINDS)}")
+        if kind in ("ivf", "ivfpq") and n < 2:  # no points to train a quantiser on, and nothing to approximate
+            return "flat"
         return kind
     if n <= AUTO_FLAT_MAX:
         return "flat"

@@ -97,9 +97,12 @@ def tsne_perplexity(n: int, perplexity: float) -> float:
 
 def tsne_neighbours(n: int, perplexity: float | None = None, uniform_k: int = UNIFORM_NEIGHBOURS) -> int:
     """How many neighbours per point the t-SNE affinities use: `uniform_k` for uniform
-    affinities (`perplexity` None, the default), 3 * perplexity for Gaussian ones."""
-    wanted = uniform_k if perplexity is None else int(3 * tsne_perplexity(n, perplexity))
-    return int(min(n - 1, wanted))
+    affinities (`perplexity` None, the default), 3 * perplexity for Gaussian ones. Uniform
+    ones take at most half the other points: on all of them every pair weighs the same, and
+    t-SNE's best map is every point on one spot."""
+    if perplexity is None:
+        return int(max(1, min(uniform_k, (n - 1) // 2)))
+    return int(min(n - 1, int(3 * tsne_perplexity(n, perplexity))))
 
 
 def describe_affinities(n: int, perplexity: float | None, uniform_k: int = UNIFORM_NEIGHBOURS) -> str:

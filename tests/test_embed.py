@@ -149,11 +149,12 @@ def test_default_uniform_affinities_keep_neighbourhoods_better_than_perplexity_3
 
 
 def test_stored_affinities_say_what_a_small_map_used():
-    """On few points the neighbours are capped (n - 1, and perplexity (n - 1) / 3 for Gaussian
-    ones); the store and report give the numbers the map was made with."""
+    """On few points the neighbours are capped (half the others for uniform affinities, and
+    perplexity (n - 1) / 3 for Gaussian ones); the store and report give the numbers the map
+    was made with."""
     from engine.maps import describe_affinities
 
-    assert describe_affinities(8, None) == "uniform on the 7-NN graph"
+    assert describe_affinities(8, None) == "uniform on the 3-NN graph"
     assert describe_affinities(250, None) == "uniform on the 15-NN graph"
     assert describe_affinities(40, 30.0) == "Gaussian, perplexity 13"
 
@@ -257,6 +258,36 @@ def test_neighbors_cli_good_and_undecodable_query(embedded, shared_images, tmp_p
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
     assert "broken.jpg" in out.stderr and "truncated" in out.stderr
+    import shutil
+
+    copy = tmp_path / "no_index.zarr"  # a store whose FAISS file is gone: one line, exit 2
+    shutil.copytree(store, copy, ignore=shutil.ignore_patterns("*.index"))
+    out = subprocess.run(neurocat_cmd() + ["neighbors", "--store", str(copy), "--query", str(good)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "no FAISS index" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_a_small_map_keeps_its_points_apart(embedded):
+    """12 images: uniform affinities on all 11 others weigh every pair the same, and t-SNE put
+    every point on one spot (|xy| ~ 1e-15); with at most half of them it is a map."""
+    xy = feature_space(embedded["feats"][:12], "flat", "cosine").tsne
+    gaps = np.linalg.norm(xy[:, None] - xy[None], axis=-1)[np.triu_indices(12, 1)]
+    assert gaps.min() > 1e-3 and np.abs(xy).max() > 1
+
+
+def test_approximate_indices_of_fewer_than_two_points_are_flat():
+    assert fx.choose_kind(1, "ivfpq") == fx.choose_kind(0, "ivf") == "flat" and fx.choose_kind(2, "ivfpq") == "ivfpq"
+    one = fx.prepare(np.ones((1, 8), np.float32), "l2")
+    assert fx.index_kind(fx.build_index(one, "ivfpq", "l2")) == "flat"
+
+
+def test_class_names_with_dollars_are_text_in_the_scatter_legend():
+    from reports.sections.embed import scatter_figure
+
+    fig = scatter_figure(np.arange(8, dtype=np.float32).reshape(4, 2), ["price_$5", "x$^$y", "$1_to_$2", "a"], "t", "")
+    fig.savefig(io.BytesIO(), format="png")  # mathtext raised ValueError here
+    shown = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert shown == {r"price_\$5", r"x\$^\$y", r"\$1_to_\$2", "a"}  # escaped: drawn as typed
 
 
 def test_embed_flow_on_demo_data_with_a_skipped_file(prefect_api, demo_data, tmp_path):

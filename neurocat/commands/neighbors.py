@@ -69,13 +69,17 @@ def run(args) -> dict:
     metric = attrs["metric"]
     centre = store.read(f"embed/{args.layer}/centre") if store.has(f"embed/{args.layer}/centre") else None
     x = query_vector(args.query, model, args.layer, metric, centre)
-    index = deserialize(read_index(store, args.layer))
+    try:
+        index = deserialize(read_index(store, args.layer))
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
     ids = store.read(f"embed/{args.layer}/ids")
     pos, dist = search(index, x, args.k, metric)
     manifest = store.read_manifest()
     found = [(int(p), float(d)) for p, d in zip(pos[0], dist[0]) if p >= 0]
     neighbours = [{"rank": r + 1, "index": int(ids[p]), "path": str(manifest["path"].iat[ids[p]]),
-                   "label": manifest["label"].iat[ids[p]], "distance": round(d, 6)} for r, (p, d) in enumerate(found)]
+                   "label": _label(manifest["label"].iat[ids[p]]), "distance": round(d, 6)}
+                  for r, (p, d) in enumerate(found)]
     result = {"query": str(Path(args.query)), "store": str(store.path), "layer": args.layer, "metric": metric,
               "index": attrs["kind"], "data": params.get("data"), "neighbors": neighbours}
     if args.place and store.has(f"embed/{args.layer}/tsne"):
@@ -87,3 +91,8 @@ def run(args) -> dict:
         return result
     print(json.dumps(result, indent=2))  # JSON either way; --json prints it on one line
     return {}
+
+
+def _label(value) -> str | None:
+    """A folder label, or None (JSON null) for an image without one (NaN once through parquet)."""
+    return value if isinstance(value, str) else None

@@ -74,8 +74,8 @@ def scatter_figure(xy: np.ndarray, labels: list, title: str, note: str):
     fig, ax = plt.subplots(figsize=(4.6, 4.3))
     size = float(np.clip(3000 / max(1, len(xy)), 2, 36))
     ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=size, linewidths=0, alpha=0.85)
-    for name, colour in legend:
-        ax.scatter([], [], color=colour, label=name, s=20)
+    for name, colour in legend:  # a class named `$1_to_$2` is text, not matplotlib mathtext
+        ax.scatter([], [], color=colour, label=str(name).replace("$", r"\$"), s=20)
     if legend:
         ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_title(title, fontsize=10)
