@@ -295,6 +295,29 @@ def cached_model(name: str = "efficientnet_lite0", weights: str | None = None, d
     return load_model(name, weights, device)
 
 
+def layer_channels(model: LoadedModel, layer: str) -> int:
+    """Channels of a layer's output (units of a vector layer), from one forward pass."""
+    from engine.hooks import forward_hooks
+
+    name, seen = model.resolve(layer), []
+
+    def hook(_m, _i, out):  # returns None: the output stays the module's
+        seen.append(int(out.shape[1]))
+
+    size = model.preprocessing.crop
+    with model.lock, torch.no_grad(), forward_hooks(model.module, {name: hook}):
+        model.module(torch.zeros(1, 3, size, size, device=model.device))
+    return seen[0]
+
+
+def check_channels(model: LoadedModel, layer: str, channels: list[int], option: str) -> None:
+    """Every channel in [0, channels of `layer`), or an InputError naming `option`."""
+    n = layer_channels(model, layer)
+    bad = [c for c in channels if not 0 <= c < n]
+    if bad:
+        raise InputError(f"{option}: {layer} has channels 0..{n - 1}, not {', '.join(map(str, bad))}")
+
+
 def layer_table(model: LoadedModel, input_size: int | None = None) -> list[dict]:
     """Every layer with its output shape and receptive-field size, in execution order."""
     from engine.receptive_field import receptive_fields

@@ -228,3 +228,11 @@ def test_vgg_style_layers_are_gatys_relus(arch):
     layers = STYLE_LAYERS[arch]
     assert [names[s] for s in layers.style] == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
     assert names[layers.content] == "relu4_2"
+
+
+def test_a_batch_of_units_on_a_vector_layer_is_one_objective():
+    """The catalogue visualises a list of units at once, on a vector layer (logits, [B, C]) too:
+    image b excites unit index[b] (this raised IndexError on [B] picks)."""
+    acts = {"L": torch.randn(2, 10), "M": torch.randn(2, 4, 3, 3)}
+    assert torch.allclose(obj.channel("L", [3, 5])(acts, None), -(acts["L"][0, 3] + acts["L"][1, 5]))
+    assert torch.allclose(obj.channel("M", [1, 2])(acts, None), -(acts["M"][0, 1].mean() + acts["M"][1, 2].mean()))

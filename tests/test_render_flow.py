@@ -81,9 +81,17 @@ def test_cli_render_rejects_bad_number_lists(tmp_path, images):
     before any render starts (nothing is written)."""
     for args, option in ((["featvis", "--layer", "_blocks.6", "--channels", "1,x"], "--channels"),
                          (["style", str(images[0]), "--style", str(images[1]), "--style-weight", "1,nan"],
-                          "--style-weight")):
+                          "--style-weight"),
+                         # channels out of the layer's range (80 at _blocks.6): were a traceback, or silently
+                         # a render of nothing (dream) or of the last channel (-1)
+                         (["featvis", "--layer", "_blocks.6", "--channels", "1,80"], "--channels"),
+                         (["featvis", "--layer", "_blocks.6", "--channels", "-1"], "--channels"),
+                         (["dream", str(images[0]), "--layer", "_blocks.6", "--channel", "5000"], "--channel"),
+                         # layer names and blend weights checked before Prefect starts, not in the task
+                         (["invert", str(images[0]), "--layer", "nope"], "model efficientnet_lite0 has no layer 'nope'"),
+                         (["style", str(images[0]), "--style", str(images[1]), "--blend", "0.5,0.5"], "--blend")):
         bad = subprocess.run([*neurocat_cmd(), "render", *args, "--store", str(tmp_path / "r.zarr")],
                              capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 2 and f"error: {option}:" in bad.stderr, bad.stderr
+        assert bad.returncode == 2 and f"error: {option}" in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert not (tmp_path / "r.zarr").exists()

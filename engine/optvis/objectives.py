@@ -64,8 +64,8 @@ def channel(layer: str, index: int | Sequence[int]) -> Objective:
         a = acts[layer]
         if isinstance(index, int):
             return -a[:, index].mean()
-        picked = a[torch.arange(len(index)), torch.as_tensor(index)]
-        return -picked.flatten(1).mean(1).sum()
+        picked = a[torch.arange(len(index)), torch.as_tensor(index)]  # [B, H, W], or [B] on a vector layer
+        return -picked.reshape(len(index), -1).mean(1).sum()
     return Objective(fn, (layer,), f"channel({layer}:{index})")
 
 

@@ -177,6 +177,8 @@ def _kw(args, **extra) -> dict:
 
 def plan(args, model) -> tuple[list[dict], dict | None]:
     """The kind's jobs (or fast style's one training + folder) from the parsed arguments."""
+    from engine.models import check_channels
+
     record = _ints(args.record, "--record")
     if args.kind == "classvis":
         classes = [int(c) if c.strip().isdigit() else model.classes.index_of.get(c.strip(), -1)
@@ -190,9 +192,17 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
                 for c in classes], None
     if args.kind == "featvis":
         layer = model.resolve(args.layer)
+        channels = _ints(args.channels, "--channels")
+        check_channels(model, layer, channels, "--channels")
         return [{"name": f"{layer}-{c}", "params": {"layer": layer, "channel": c, "size": args.size,
                                                     **_kw(args), "record": record}}
-                for c in _ints(args.channels, "--channels")], None
+                for c in channels], None
+    for option in ("layer", "layers", "style_layers", "content_layer"):  # every layer named, before any work
+        for name in (getattr(args, option, None) or "").split(","):
+            if name.strip():
+                model.resolve(name.strip())
+    if args.kind == "dream" and args.channel is not None:
+        check_channels(model, args.layer, [args.channel], "--channel")
     images = _usable(input_files(args))
     if args.kind == "dream":
         p = _kw(args, size=args.size, layer=model.resolve(args.layer), channel=args.channel, octaves=args.octaves,
@@ -208,6 +218,8 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
     styles = _usable(args.style)
     if len(styles) != len(args.style):
         raise InputError("a --style image cannot be read")
+    if getattr(args, "blend", None) and len(_floats(args.blend, "--blend")) != len(styles):
+        raise InputError(f"--blend: one weight per --style image ({len(styles)}), got {args.blend!r}")
     if args.kind == "style":
         jobs = []
         for sw in _floats(args.style_weight, "--style-weight"):
