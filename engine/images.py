@@ -70,17 +70,20 @@ class Entry:
     split: str | None
 
 
-def list_images(root: str | os.PathLike) -> list[Entry]:
+def list_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> list[Entry]:
     """Every regular file under `root`, sorted by relative path (the image index order).
 
     ImageFolder layout: the label is the name of the file's folder; a `train/`, `val/` or
     `test/` folder directly under the root names the split. Files directly in the root
-    have no label. Hidden files and folders (starting with '.') are not part of a dataset.
+    have no label. Hidden files and folders (starting with '.') are not part of a dataset,
+    nor are the folders in `exclude` (the run's own store and report, when they lie inside).
     """
     root = Path(root)
+    skip = {os.path.realpath(p) for p in exclude}
     entries = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in skip)
         rel_dir = Path(dirpath).relative_to(root)
         parts = rel_dir.parts
         split = parts[0] if parts and parts[0].lower() in SPLITS else None

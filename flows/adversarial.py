@@ -128,7 +128,7 @@ def run_adversarial(opts: RunOptions, store: Store, attack: str = "fgsm",
     keys = [eps_key(e, norm) for e in eps]
     gains = [amplification(e, norm) for e in eps]
     with stage(store, job, "scan"):
-        scan_dataset(opts.store, opts.data, opts.limit)
+        scan_dataset(opts.store, opts.data, opts.limit, opts.report)
     manifest = store.read_manifest()
     n = len(manifest)
     classes = imagenet_classes()

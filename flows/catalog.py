@@ -103,7 +103,7 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
     layers = list(dict.fromkeys(model.resolve(layer) for layer in layers))
     prov = model.describe()
     with stage(store, JOB, "scan"):
-        scan_dataset(opts.store, opts.data, opts.limit)
+        scan_dataset(opts.store, opts.data, opts.limit, opts.report)
     manifest = store.read_manifest()
     activation_map_rows(manifest, activation_images)  # unknown paths fail before any work
     shapes = activation_shapes(model, layers)

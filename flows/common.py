@@ -52,10 +52,14 @@ def new_run_id(job: str) -> str:
     return f"{job}-{stamp}-{os.urandom(2).hex()}"
 
 
+def default_report(store: str) -> str:
+    return str(Path(store).with_suffix("")) + "-report"
+
+
 def resolve_paths(opts: RunOptions, job: str) -> RunOptions:
     """Fill in the default store (`runs/<run-id>.zarr`) and report dir (`<store>-report`)."""
     store = opts.store or str(Path("runs") / f"{new_run_id(job)}.zarr")
-    report = opts.report or str(Path(store).with_suffix("")) + "-report"
+    report = opts.report or default_report(store)
     return opts.model_copy(update={"store": store, "report": report})
 
 
@@ -74,13 +78,16 @@ def plan_shards(n: int, shard_size: int) -> list[Shard]:
 
 
 @task(name="scan-dataset", retries=1)
-def scan_dataset(store_path: str, data: str, limit: int | None) -> dict:
-    """List and hash the dataset into the store's manifest (hashes of unchanged files reused)."""
+def scan_dataset(store_path: str, data: str, limit: int | None, report: str | None = None) -> dict:
+    """List and hash the dataset into the store's manifest (hashes of unchanged files reused).
+    The store and the report are no part of it, should they lie inside the data folder
+    (`neurocat predict --data .` puts `runs/` there)."""
     store = Store(store_path)
     if not Path(data).is_dir():
         raise FileNotFoundError(f"data folder not found: {data}")
     previous = store.read_manifest()
-    df = build_manifest(data, previous if len(previous) else None, limit)
+    df = build_manifest(data, previous if len(previous) else None, limit,
+                        exclude=(store_path, report or default_report(store_path)))
     if len(previous) and list(previous["path"]) == list(df["path"]):
         # keep decode failures found by earlier shards of this same file list
         same = previous["sha256"].values == df["sha256"].values

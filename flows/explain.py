@@ -120,7 +120,7 @@ def run_explain(opts: RunOptions, store: Store, methods: str | list[str], target
         segment_with = "saliency" if "saliency" in methods else methods[0]
     check_methods(opts, methods, segment_with)
     with stage(store, JOB, "scan"):
-        scan_dataset(opts.store, opts.data, opts.limit)
+        scan_dataset(opts.store, opts.data, opts.limit, opts.report)
     manifest = store.read_manifest()
     n = len(manifest)
     rows = min(n, max_images) if max_images else n

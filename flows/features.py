@@ -34,7 +34,7 @@ def run_features(opts: RunOptions, store: Store, layers: tuple[str, ...] = ("fc7
     """Scan the dataset and make sure the forward pass of every shard is in the store."""
     layers = list(dict.fromkeys(layers))
     with stage(store, JOB, "scan"):
-        scan_dataset(opts.store, opts.data, opts.limit)
+        scan_dataset(opts.store, opts.data, opts.limit, opts.report)
     manifest = store.read_manifest()
     n = len(manifest)
     shards = plan_shards(n, opts.shard_size)

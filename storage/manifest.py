@@ -42,10 +42,11 @@ def _probe(root: Path, entry: Entry, known: dict[tuple, str]) -> dict:
 
 
 def build_manifest(root: str | os.PathLike, previous: pd.DataFrame | None = None, limit: int | None = None,
-                   threads: int = 4) -> pd.DataFrame:
-    """List, hash and header-check every file under `root`; reuse hashes of unchanged files."""
+                   threads: int = 4, exclude: tuple = ()) -> pd.DataFrame:
+    """List, hash and header-check every file under `root` but the `exclude` folders; reuse
+    hashes of unchanged files."""
     root = Path(root)
-    entries = list_images(root)
+    entries = list_images(root, exclude)
     if limit is not None:
         entries = entries[:limit]
     known = {}

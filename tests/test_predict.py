@@ -17,6 +17,7 @@ from badfiles import HOSTILE_NAMES, make_bad_folder
 from conftest import cli_env, neurocat_cmd
 from flows.common import RunOptions
 from flows.predict import predict_flow
+from storage.store import Store
 
 
 def plain_torch_top1(model, paths):
@@ -61,6 +62,23 @@ def test_bad_inputs_are_skipped_and_reported(prefect_api, shared_images, tmp_pat
         if status == "skipped":
             assert path in html
     assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in (tmp_path / "s-report" / "predict.html").read_text()
+
+
+def test_a_store_and_report_inside_the_data_folder_are_no_images(prefect_api, shared_images, tmp_path):
+    """`neurocat predict --data .` puts runs/ in the data: a rerun must not list the store's
+    files and the report's thumbnails as images (17 skipped and 3 more 'images' before)."""
+    import shutil
+
+    data = tmp_path / "data"
+    for folder in ("n01440764", "n01601694"):
+        (data / folder).mkdir(parents=True)
+        shutil.copy(next((shared_images / folder).iterdir()), data / folder / "a.jpg")
+    opts = RunOptions(data=str(data), store=str(data / "runs" / "r.zarr"))
+    predict_flow(opts)
+    predict_flow(opts)
+    manifest = Store(opts.store).read_manifest()
+    assert sorted(manifest["path"]) == ["n01440764/a.jpg", "n01601694/a.jpg"] and (manifest["status"] == "ok").all()
+    assert (data / "runs" / "r-report" / "index.html").exists()
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, shared_images):
