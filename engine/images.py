@@ -19,8 +19,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 
+from engine.files import manifest_name, upright
 from engine.models import Preprocessing
 
 MAX_PIXELS = 100_000_000  # 10k x 10k; larger is treated as a decompression bomb
@@ -28,9 +29,9 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # longer side / shorter side: resizing the short side to the model's 256 px makes a 1 x 100000
 # line 26 GB; at 100:1 it is 6.5 M pixels (panoramas are ~10-20:1)
 MAX_ASPECT = 100
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+SPLITS = ("train", "val", "valid", "validation", "test")
 
 
 def size_refusal(w: int, h: int) -> str | None:
@@ -40,21 +41,6 @@ def size_refusal(w: int, h: int) -> str | None:
     if min(w, h) > 0 and max(w, h) > MAX_ASPECT * min(w, h):
         return f"aspect ratio guard: {w}x{h} is longer than {MAX_ASPECT}:1 (a line, not a picture)"
     return None
-
-
-def _upright(img: Image.Image) -> Image.Image:
-    """The image turned as its EXIF orientation says. Pillow's exif_transpose also rewrites the
-    EXIF block, which fails on a malformed tag of a file that decodes fine: then the
-    orientation tag alone decides."""
-    try:
-        ImageOps.exif_transpose(img, in_place=True)  # upright without a copy of the pixels
-        return img
-    except Exception:  # noqa: BLE001 - any EXIF writer error: the pixels are fine
-        method = _ORIENTATION.get(img.getexif().get(0x0112))
-        return img.transpose(method) if method is not None else img
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-SPLITS = ("train", "val", "valid", "validation", "test")
 
 
 class ImageError(Exception):
@@ -88,14 +74,14 @@ def list_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
         parts = rel_dir.parts
         split = parts[0] if parts and parts[0].lower() in SPLITS else None
         label_parts = parts[1:] if split else parts
-        label = label_parts[-1] if label_parts else None
+        label = manifest_name(label_parts[-1]) if label_parts else None
         for name in filenames:
             if name.startswith("."):
                 continue
             full = Path(dirpath) / name
             if not full.is_file():
                 continue
-            entries.append(Entry((rel_dir / name).as_posix(), label, split))
+            entries.append(Entry(manifest_name((rel_dir / name).as_posix()), label, split))
     entries.sort(key=lambda e: e.path)
     return entries
 
@@ -145,7 +131,7 @@ def open_image(path: str | os.PathLike, at_least: int | None = None) -> Image.Im
             if at_least and min(w, h) >= 2 * at_least:  # else no scale applies: the plain decode
                 img.draft(None, (at_least, at_least))
             img.load()
-            return _to_rgb(_upright(img))
+            return _to_rgb(upright(img))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

@@ -20,7 +20,6 @@ report (reports/sections/adversarial.py) shows. Rows of undecodable files stay z
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 from prefect import flow
@@ -29,6 +28,7 @@ from engine.attacks import (ATTACKS, AttackSpec, amplification, eps_key, eps_lab
                             parse_eps_list)
 from engine.classes import imagenet_classes
 from engine.errors import InputError
+from engine.files import dataset_file
 from engine.images import label_index
 from engine.models import cached_model
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
@@ -97,7 +97,7 @@ def fit_universal_once(opts: RunOptions, store: Store, job: str, group: str, man
     if images < 1:
         raise InputError("--universal-images must be at least 1")
     ok = manifest[manifest["status"] == "ok"].head(images)
-    items = [(int(i), str(Path(opts.data) / p)) for i, p in zip(ok.index, ok["path"])]
+    items = [(int(i), dataset_file(opts.data, p)) for i, p in zip(ok.index, ok["path"])]
     fp = fingerprint(job, list(zip(ok["path"], ok["sha256"])), prov, params, opts.batch_size)
     with stage(store, job, "fit"):
         done = store.shard_done(job, "universal", fp)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from engine import audit
 from engine.classes import imagenet_classes
 from engine.errors import InputError
+from engine.files import dataset_file
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, shard_fingerprint, shard_items, stage)
 from flows.features import run_features
@@ -110,7 +111,7 @@ def calibration_positives(opts: RunOptions, store: Store, manifest: pd.DataFrame
             cached = s.attrs("audit").get("calibration_positives") if s.has("audit") else None
             if cached and cached.get("key") == key:
                 return cached
-    items = [(int(i), str(Path(opts.data) / manifest["path"].iloc[i])) for i in sample]
+    items = [(int(i), dataset_file(opts.data, manifest["path"].iloc[i])) for i in sample]
     found = calibration_copies(opts.store, items, opts.model, opts.weights, opts.device)
     return {"key": key, **found}
 

@@ -20,6 +20,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from engine.catalog import activation_shapes, model_receptive_fields, patch_size
 from engine.errors import InputError
+from engine.files import dataset_file
 from engine.images import label_index
 from engine.models import cached_model
 from engine.topk import STATE_FORMAT, ChannelStats
@@ -129,7 +130,7 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
     # beside the patch pass (their arrays are their own): the first-layer filters, the activation maps
     filters = save_filter_grid.submit(opts.store, opts.model, opts.weights, opts.device, prov)
     map_rows = [i for i in activation_map_rows(manifest, activation_images) if manifest["status"].iloc[i] == "ok"]
-    maps = save_activation_maps.submit(opts.store, [(i, str(Path(opts.data) / manifest["path"].iloc[i]))
+    maps = save_activation_maps.submit(opts.store, [(i, dataset_file(opts.data, manifest["path"].iloc[i]))
                                                     for i in map_rows], layers, opts.model, opts.weights,
                                        opts.device, prov)
 

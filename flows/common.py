@@ -22,6 +22,7 @@ from prefect import task
 from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
+from engine.files import dataset_file
 from engine.models import cached_model
 from storage.manifest import build_manifest, mark_failed
 from storage.store import Store, fingerprint
@@ -106,7 +107,7 @@ def shard_items(manifest: pd.DataFrame, data: str, shard: Shard) -> list[tuple[i
     """(image index, absolute path) of the shard's usable rows."""
     rows = manifest.iloc[shard.start:shard.stop]
     ok = rows[rows["status"] == "ok"]
-    return [(int(i), str(Path(data) / p)) for i, p in zip(ok.index, ok["path"])]
+    return [(int(i), dataset_file(data, p)) for i, p in zip(ok.index, ok["path"])]
 
 
 def shard_fingerprint(job: str, manifest: pd.DataFrame, shard: Shard, *params: Any) -> str:

@@ -70,6 +70,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from engine.classes import imagenet_classes
+from engine.files import dataset_file, upright
 from storage.files import write_csv
 from storage.store import Store
 
@@ -348,9 +349,9 @@ class Site:
         if (self.out / rel).exists():
             return rel
         try:
-            with Image.open(root / self.manifest.iloc[index]["path"]) as img:
+            with Image.open(dataset_file(root, self.manifest.iloc[index]["path"])) as img:
                 img.draft("RGB", (max_side * 2, max_side * 2))  # JPEG: decode at a reduced scale
-                img = ImageOps.exif_transpose(img).convert("RGBA").convert("RGB")
+                img = upright(img).convert("RGBA").convert("RGB")
                 img = ImageOps.fit(img, (max_side, max_side), Image.LANCZOS)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None

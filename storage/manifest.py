@@ -9,13 +9,14 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from engine.files import dataset_file
 from engine.images import Entry, list_images, sha256_file, size_refusal
 from storage.store import MANIFEST_COLUMNS
 
 
 def _probe(root: Path, entry: Entry, known: dict[tuple, str]) -> dict:
     """Hash the file and read its header (not its pixels): cheap checks before any shard runs."""
-    full = root / entry.path
+    full = Path(dataset_file(root, entry.path))
     row = {"path": entry.path, "label": entry.label, "split": entry.split,
            "sha256": None, "status": "ok", "reason": None}
     try:

@@ -17,13 +17,13 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from itertools import chain
-from pathlib import Path
 
 import numpy as np
 from prefect import task
 
 from engine.atlas import filter_grid
 from engine.catalog import catalog_arrays, extract_patches, overlays, project_units, square_boxes, stats_summary
+from engine.files import dataset_file
 from engine.images import DecodedBatches
 from engine.inference import run_layers
 from engine.models import cached_model
@@ -214,7 +214,7 @@ def catalog_patches(store_path: str, job: str, block: int, data: str, channel_ra
             for layer, (c0, c1) in channel_ranges.items() if c1 > c0}
     needed = np.unique(np.concatenate([w.image_indices() for w in work.values()] + [np.zeros(0, np.int64)]))
     manifest = store.read_manifest()
-    items = [(int(i), str(Path(data) / manifest["path"].iloc[i])) for i in needed]
+    items = [(int(i), dataset_file(data, manifest["path"].iloc[i])) for i in needed]
     kept, missing = decoded_images().batches(items, m.preprocessing, batch_size)
     decoded = ((b.indices, b.images.numpy()) for b in DecodedBatches(missing, m.preprocessing, batch_size))
     for indices, images in _timed_batches(chain(kept, decoded), seconds):

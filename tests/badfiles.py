@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from engine.files import manifest_name
 
 HOSTILE_NAMES = ["with space.jpg", "quote's \"double\".jpg", "<script>alert(1)<\\script>.jpg",
                  "<img src=x onerror=alert(1)>.jpg", "\"';--.jpg", "ñandú_日本語_🐟.jpg"]
@@ -68,4 +71,7 @@ def make_bad_folder(dst: Path, source_jpeg: Path) -> dict[str, str]:
     put("bad_exif.jpg", "ok").write_bytes(malformed_exif_jpeg(img))
     for name in HOSTILE_NAMES:
         shutil.copy(source_jpeg, put(name, "ok"))
+    latin1 = os.fsdecode(b"caf\xe9.jpg")  # not UTF-8 (an old zip's Latin-1 name): os.walk's surrogate escape
+    shutil.copy(source_jpeg, cls / latin1)
+    expected[f"n01440764/{manifest_name(latin1)}"] = "ok"
     return expected

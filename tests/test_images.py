@@ -7,6 +7,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from badfiles import make_bad_folder, png_header_only
+from engine.files import dataset_file
 from engine.images import DecodedBatches, ImageError, iter_batches, list_images, load_preprocessed, open_image
 from engine.models import Preprocessing
 from storage.manifest import build_manifest
@@ -57,7 +58,7 @@ def test_awkward_files(tmp_path, shared_images):
     manifest = build_manifest(tmp_path)
     assert set(manifest["path"]) == set(expected)
     prep = Preprocessing()
-    items = [(i, str(tmp_path / p)) for i, p in enumerate(manifest["path"]) if manifest["status"][i] == "ok"]
+    items = [(i, dataset_file(tmp_path, p)) for i, p in enumerate(manifest["path"]) if manifest["status"][i] == "ok"]
     decoded, failed = {}, {}
     for batch in iter_batches(items, prep, batch_size=4):
         for i, img in zip(batch.indices, batch.images):
