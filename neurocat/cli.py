@@ -168,6 +168,10 @@ def check_options(args) -> None:
     weights = getattr(args, "weights", None)
     if weights and not os.path.isfile(weights):
         raise InputError(f"weights file not found: {weights}")
+    for option in ("store", "report"):  # folders: an existing file there is a typo, not a place to write
+        path = getattr(args, option, None)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise InputError(f"--{option} {path} is a file, not a folder")
     numbers = [getattr(args, name, None) for name in ("batch_size", "shard_size", "limit", "workers")]
     if any(v is not None and v < 1 for v in numbers):
         raise InputError("--batch-size, --shard-size, --limit and --workers must be positive")

@@ -14,7 +14,7 @@ from storage.store import _jsonable, atomic_write_bytes
 
 def write_csv(path: str | Path, df: pd.DataFrame) -> Path:
     buf = io.StringIO()
-    df.to_csv(buf, index=False)
+    df.to_csv(buf, index=False, lineterminator="\r\n")  # RFC 4180: a \r in a file name is then quoted too
     atomic_write_bytes(Path(path), buf.getvalue().encode("utf-8"))
     return Path(path)
 

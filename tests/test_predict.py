@@ -90,7 +90,10 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, shared_images):
         ["predict", "--data", str(shared_images), "--batch-size", "many"],  # argparse's own checks: one line too
         ["predict", "--data", str(shared_images), "--colour", "blue"],
         ["predict"],
+        ["predict", "--data", str(shared_images), "--store", str(tmp_path / "a_file")],  # a file, not a folder
+        ["predict", "--data", str(shared_images), "--report", str(tmp_path / "a_file")],
     ]
+    (tmp_path / "a_file").write_text("not a folder")
     for args in cases:
         out = subprocess.run(neurocat_cmd() + args, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, (args, out.stderr[-2000:])

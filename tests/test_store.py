@@ -23,3 +23,19 @@ def test_natural_order_takes_any_name():
     names = ["u10", "u9", "u010", "u0", "x" + "9" * 5000, "x" + "1" + "0" * 4999, "x" + "8" * 4999, "u", "10a"]
     assert sorted(names, key=natural_key) == ["10a", "u", "u0", "u9", "u010", "u10",
                                               "x" + "8" * 4999, "x" + "1" + "0" * 4999, "x" + "9" * 5000]
+
+
+def test_csv_keeps_file_names_with_line_breaks_in_one_row(tmp_path):
+    """A carriage return in a file name was written unquoted: readers split the row in two."""
+    import csv
+
+    import pandas as pd
+
+    from storage.files import write_csv
+
+    df = pd.DataFrame({"path": ["a/cr\rret.jpg", "b/lf\nfeed.jpg", "c/plain.jpg"], "prob": [0.5, 0.25, 1.0]})
+    path = write_csv(tmp_path / "t.csv", df)
+    assert pd.read_csv(path)["path"].tolist() == df["path"].tolist()
+    with open(path, newline="", encoding="utf-8") as f:
+        assert [row[0] for row in csv.reader(f)][1:] == df["path"].tolist()
+
