@@ -52,6 +52,11 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def file_list_digest(manifest: pd.DataFrame) -> str:
+    """What a job's row-indexed results were made on: rows mean these files in this order."""
+    return fingerprint([str(p) for p in manifest["path"]])
+
+
 def natural_key(name: str) -> list:
     """Sort key comparing runs of digits as numbers: layer3 < layer10, features.2 < features.10.
 

@@ -16,7 +16,7 @@ from engine.embedding import PIXEL_SIDE, Space, feature_space, pixel_vectors
 from engine.faiss_index import gpu_count, serialize
 from engine.maps import describe_affinities
 from storage.indexes import write_index
-from storage.store import Store
+from storage.store import Store, file_list_digest
 
 PIXELS = "pixels"  # the space of downscaled thumbnails
 
@@ -63,7 +63,7 @@ def write_space(store: Store, name: str, space: Space, rows: np.ndarray, n: int,
         store.write_array(f"{base}/grid", grid, attrs={"what": "t-SNE map snapped to a grid: dataset indices, -1 empty"})
     else:
         store.delete(f"{base}/grid")
-    store.update_attrs(base, **attrs)
+    store.update_attrs(base, **attrs, file_list=file_list_digest(store.read_manifest()))
 
 
 @task(name="embed-space")

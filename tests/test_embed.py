@@ -265,6 +265,20 @@ def test_neighbors_cli_good_and_undecodable_query(embedded, shared_images, tmp_p
     out = subprocess.run(neurocat_cmd() + ["neighbors", "--store", str(copy), "--query", str(good)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "no FAISS index" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    # a store whose file list changed after embed (another job scanned a grown folder): its rows
+    # would name other files, so neighbors refuses and the report skips the section, saying why
+    from reports.site import Site, run_section
+
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(store, moved)
+    changed = Store(str(moved))
+    manifest = changed.read_manifest()
+    changed.write_manifest(manifest.iloc[1:])
+    out = subprocess.run(neurocat_cmd() + ["neighbors", "--store", str(moved), "--query", str(good)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "file list changed" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    status = run_section(Site(changed, tmp_path / "moved-report"), "embed")
+    assert status.state == "skipped" and "another file list" in status.reason
 
 
 def test_a_small_map_keeps_its_points_apart(embedded):

@@ -57,6 +57,7 @@ def run(args) -> dict:
     from engine.faiss_index import deserialize, search
     from engine.models import cached_model
     from storage.indexes import read_index
+    from storage.store import file_list_digest
 
     if args.k < 1:
         raise InputError("-k must be positive")
@@ -76,6 +77,9 @@ def run(args) -> dict:
     ids = store.read(f"embed/{args.layer}/ids")
     pos, dist = search(index, x, args.k, metric)
     manifest = store.read_manifest()
+    if attrs.get("file_list") not in (None, file_list_digest(manifest)):
+        raise InputError(f"the store's file list changed since `neurocat embed` made {args.layer}'s index "
+                         "(its rows would name other files): run `neurocat embed` on this store again")
     found = [(int(p), float(d)) for p, d in zip(pos[0], dist[0]) if p >= 0]
     neighbours = [{"rank": r + 1, "index": int(ids[p]), "path": str(manifest["path"].iat[ids[p]]),
                    "label": _label(manifest["label"].iat[ids[p]]), "distance": round(d, 6)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from reports.site import Section, SectionSkipped, Site
+from storage.store import file_list_digest
 
 PIXELS = "pixels"
 QUERIES = 48  # sample queries in the neighbour galleries
@@ -174,6 +175,11 @@ def build(site: Site) -> Section | None:
     if not layers:
         return None
     manifest = site.manifest
+    stale = [layer for layer in layers if site.store.attrs(f"embed/{layer}").get("file_list") not in
+             (None, file_list_digest(manifest))]
+    if stale:  # their rows would name other files
+        raise SectionSkipped(f"made on another file list than the store's manifest ({', '.join(stale)}): "
+                         "run `neurocat embed` on this store again")
     rows = np.flatnonzero(manifest["status"].values == "ok")
     if len(rows) < 2:
         raise SectionSkipped(f"{len(rows)} usable image(s): nothing to compare in feature space")
