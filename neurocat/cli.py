@@ -130,6 +130,17 @@ def _server_alive(url: str) -> bool:
         return False
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count option: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """argparse type of a number option: float() alone also takes 'nan' and 'inf', which would
     run a whole job on NaNs."""

@@ -103,3 +103,9 @@ def test_layers_command():
     assert by_name["_fc"]["rf_size"] == "global"
     bad = subprocess.run(neurocat_cmd() + ["layers", "--model", "nonet"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown model" in bad.stderr and "Traceback" not in bad.stderr
+    # sizes and counts below what they can mean: one line, exit 2 (were a traceback, or 0 meaning the default,
+    # or a plan with negative seconds)
+    for args in (["layers", "--input-size", "3"], ["layers", "--input-size", "0"],
+                 ["plan", "--data", ".", "--images", "-5"]):
+        bad = subprocess.run(neurocat_cmd() + args, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr, bad.stderr

@@ -1,15 +1,20 @@
+from neurocat.cli import positive_int
+
 HELP = "list a model's layers with output shapes and receptive fields (no Prefect needed)"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--weights", help="optional; shapes do not need weights")
-    p.add_argument("--input-size", type=int, help="square input side (default: the model's crop)")
+    p.add_argument("--input-size", type=positive_int, help="square input side (default: the model's crop; at least 32)")
 
 
 def run(args) -> dict:
+    from engine.errors import InputError
     from engine.models import layer_table, load_model
 
+    if args.input_size is not None and args.input_size < 32:  # the nets halve their input five times
+        raise InputError(f"--input-size {args.input_size} is too small: at least 32")
     model = load_model(args.model, args.weights, require_weights=False)
     rows = layer_table(model, args.input_size)
     if not args.json:

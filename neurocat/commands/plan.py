@@ -1,3 +1,5 @@
+from neurocat.cli import positive_int
+
 HELP = "estimate time and memory per stage of jobs on a cluster, from a short calibration here"
 
 
@@ -6,7 +8,7 @@ def add_arguments(p) -> None:
     p.add_argument("--jobs", default="catalog,embed,audit", help="comma-separated jobs")
     p.add_argument("--workers", type=int, default=1, help="number of workers (GPUs, or CPU workers)")
     p.add_argument("--gpu", default="cpu", help="device of each worker: cpu (this machine), h100, h200, a100, l4, t4")
-    p.add_argument("--images", type=int, help="plan for this many images instead of the folder's count")
+    p.add_argument("--images", type=positive_int, help="plan for this many images instead of the folder's count")
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--weights")
 
@@ -15,6 +17,7 @@ def run(args) -> dict:
     import os
 
     from engine.errors import InputError
+    from engine.files import dataset_file
     from engine.images import list_images
     from engine.models import load_model
     from engine.planner import DEVICES, JOB_PASSES, calibrate, plan
@@ -31,7 +34,7 @@ def run(args) -> dict:
         raise InputError("--workers must be positive")
     entries = list_images(args.data)
     model = load_model(args.model, args.weights, require_weights=False)
-    cal = calibrate(model, [os.path.join(args.data, e.path) for e in entries])
+    cal = calibrate(model, [dataset_file(args.data, e.path) for e in entries])
     classes = len({e.label for e in entries}) or 1  # unlabelled images are one group, as the audit sees them
     result = plan(args.images or len(entries), jobs, args.workers, args.gpu, cal, classes=classes)
     result["calibration"] = {"decode_ms": round(cal.decode_s * 1e3, 2), "forward_ms": round(cal.forward_s * 1e3, 2),
