@@ -200,6 +200,10 @@ def run_options(args, **overrides):
     from engine.models import cached_model
 
     cached_model(args.model, args.weights, args.device)  # fail fast on bad weights; the flow reuses it
+    if args.store:
+        from storage.store import check_free
+
+        check_free(args.store)
     progress = sys.stderr.isatty() and not args.json
     return RunOptions(data=getattr(args, "data", None), model=args.model, weights=args.weights, store=args.store,
                       report=args.report, runner=args.cluster or args.runner, workers=args.workers,

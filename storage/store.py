@@ -52,6 +52,24 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def check_free(store: str | os.PathLike) -> None:
+    """StoreLockedError if another run holds the store now: a command checks before its flow
+    starts, so the refusal is one line (Store.lock inside the flow stays the real guard)."""
+    path = Path(store) / ".lock"
+    if _held.get(Path(store).resolve()) or not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise StoreLockedError(f"store {store} is in use by another run ({holder or 'unknown process'})") from None
+        raise
+    finally:
+        os.close(fd)  # closing drops the lock taken just now
+
+
 def file_list_digest(manifest: pd.DataFrame) -> str:
     """What a job's row-indexed results were made on: rows mean these files in this order."""
     return fingerprint([str(p) for p in manifest["path"]])

@@ -79,6 +79,19 @@ def test_second_writer_is_refused(tmp_path):
     assert StoreLockedError
 
 
+def test_a_command_on_a_store_in_use_is_refused_in_one_line(prefect_api, shared_images, tmp_path):
+    """Refused before its flow starts: inside the flow Prefect logged the lock's traceback first."""
+    store = Store(tmp_path / "busy.zarr")
+    with store.lock():
+        out = subprocess.run(neurocat_cmd() + ["predict", "--data", str(shared_images), "--limit", "2",
+                                               "--store", str(tmp_path / "busy.zarr")],
+                             capture_output=True, text=True, env=cli_env(prefect_api), timeout=300)
+    assert out.returncode == 2 and "in use by another run" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+    with store.lock():  # the check took and dropped nothing for good
+        pass
+
+
 def test_threads_and_dask_runners_agree(prefect_api, shared_images, tmp_path):
     from flows.runners import task_runner
 
