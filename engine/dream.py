@@ -44,13 +44,13 @@ class DreamOptions:
 
 def deep_dream(model: LoadedModel, image: np.ndarray, opts: DreamOptions = DreamOptions()) -> RenderResult:
     """The dreamed image (uint8, same size as `image`); snapshots: the image after each octave."""
-    base = image_to_tensor(image)
+    base = image_to_tensor(image).to(model.device)
     h, w = base.shape[-2:]
     sizes = [(max(8, round(h / opts.octave_scale ** k)), max(8, round(w / opts.octave_scale ** k)))
              for k in reversed(range(opts.octaves))]
     objective = obj.dream(model.resolve(opts.layer), opts.channel)
     g = torch.Generator().manual_seed(opts.seed)
-    detail = torch.zeros(1, 3, *sizes[0])
+    detail = torch.zeros(1, 3, *sizes[0], device=model.device)
     losses, snapshots, seconds = [], [], 0.0
     for k, size in enumerate(sizes):
         b = resize(base, size)

@@ -188,12 +188,12 @@ def train_fast_style(model: LoadedModel, content_images: list[np.ndarray], style
     targets = [mean_grams(model, pnet, fit_size(image_to_tensor(s), opts.style_size), s_layers) for s in styles]
     torch.manual_seed(opts.seed)
     g = torch.Generator().manual_seed(opts.seed)
-    net = TransformNet(opts.width, opts.blocks, len(styles))
+    net = TransformNet(opts.width, opts.blocks, len(styles)).to(model.device)
     adam = torch.optim.Adam(net.parameters(), lr=opts.lr)
     losses = []
     t0 = time.perf_counter()
     for step in range(opts.steps):
-        x = random_crops(content_images, opts.size, opts.batch, g)
+        x = random_crops(content_images, opts.size, opts.batch, g).to(model.device)
         k = step % len(styles)
         y = net(x, k)
         with torch.no_grad():
@@ -216,5 +216,5 @@ def apply_fast_style(net: TransformNet, images: np.ndarray, style: int | list[fl
     """uint8 [H, W, 3] (or a same-size batch) -> stylised uint8 of the same shape."""
     single = images.ndim == 3
     with torch.no_grad():
-        out = tensor_to_image(net(image_to_tensor(images), style))
+        out = tensor_to_image(net(image_to_tensor(images).to(next(net.parameters()).device), style))
     return out[0] if single else out

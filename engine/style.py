@@ -99,7 +99,7 @@ def mean_grams(model: LoadedModel, net, image: torch.Tensor, layers: tuple[str, 
 
 def normalize(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
     p = model.preprocessing
-    return (x - torch.tensor(p.mean).view(1, 3, 1, 1)) / torch.tensor(p.std).view(1, 3, 1, 1)
+    return (x - torch.tensor(p.mean).view(1, 3, 1, 1).to(x)) / torch.tensor(p.std).view(1, 3, 1, 1).to(x)
 
 
 def fit_size(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -129,11 +129,11 @@ _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211,
 
 
 def to_yiq(x: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("ij,bjhw->bihw", _RGB2YIQ, x)
+    return torch.einsum("ij,bjhw->bihw", _RGB2YIQ.to(x), x)
 
 
 def from_yiq(x: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_RGB2YIQ), x)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_RGB2YIQ).to(x), x)
 
 
 def luminance(x: torch.Tensor) -> torch.Tensor:

@@ -236,3 +236,33 @@ def test_a_batch_of_units_on_a_vector_layer_is_one_objective():
     acts = {"L": torch.randn(2, 10), "M": torch.randn(2, 4, 3, 3)}
     assert torch.allclose(obj.channel("L", [3, 5])(acts, None), -(acts["L"][0, 3] + acts["L"][1, 5]))
     assert torch.allclose(obj.channel("M", [1, 2])(acts, None), -(acts["M"][0, 1].mean() + acts["M"][1, 2].mean()))
+
+
+def test_every_render_runs_on_the_models_device(model, monkeypatch):
+    """With --device cuda the images being optimised, the inputs and the constants must live
+    where the model does (they stayed on the CPU). No GPU here: the model goes to PyTorch's
+    shape-only meta device, which checks devices as CUDA does; reading a loss or copying an
+    image out of it is the one thing meta cannot do, so those read zeros."""
+    import dataclasses
+
+    from engine.classvis import ClassVisOptions, InvertOptions, class_visualisation, invert_features
+    from engine.dream import DreamOptions, deep_dream
+    from engine.fast_style import FastStyleOptions, train_fast_style
+    from engine.optvis.featvis import feature_visualisation
+    from engine.style import StyleOptions, TextureOptions, style_transfer, synthesize_texture
+
+    for name, real in (("item", torch.Tensor.item), ("__float__", torch.Tensor.__float__)):
+        monkeypatch.setattr(torch.Tensor, name, lambda t, real=real: 0.0 if t.is_meta else real(t))
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: torch.zeros(t.shape, dtype=t.dtype) if t.is_meta
+                        else real_cpu(t, *a, **k))
+    meta = dataclasses.replace(model, module=copy.deepcopy(model.module).to("meta"), device=torch.device("meta"))
+    img = (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)
+    feature_visualisation(meta, "_blocks.6", [3, 4], size=32, steps=1)
+    class_visualisation(meta, 3, ClassVisOptions(size=32, steps=1))
+    invert_features(meta, img, InvertOptions(size=32, steps=1))
+    deep_dream(meta, img, DreamOptions(steps=1, octaves=2))
+    for colour in ("none", "luminance"):
+        style_transfer(meta, img, [img], StyleOptions(size=32, steps=1, optimizer="adam", preserve_color=colour))
+    synthesize_texture(meta, img, TextureOptions(size=32, steps=1, optimizer="adam"))
+    train_fast_style(meta, [img], [img], FastStyleOptions(steps=1, size=32, batch=1, style_size=32))

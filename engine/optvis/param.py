@@ -38,6 +38,16 @@ class ImageParam:
     def project(self) -> None:
         """Bring the parameters back into their valid set after an optimiser step."""
 
+    def to(self, device) -> "ImageParam":
+        """The parameters (and constants) moved to `device`, as fresh leaves to optimise."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                moved = value.detach().to(device)
+                setattr(self, name, moved.requires_grad_(True) if value.requires_grad else moved)
+        self.params = [getattr(self, name) for name, value in vars(self).items()
+                       if isinstance(value, torch.Tensor) and value.requires_grad]
+        return self
+
 
 class PixelParam(ImageParam):
     """The pixels themselves, in [0, 1]; `project()` clamps them after every step.

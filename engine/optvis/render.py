@@ -314,6 +314,7 @@ def render(
     """Minimise `objective` over `param` for `steps` steps; snapshots after the steps in `record`."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     net = network(model, smooth, avg_pool)
+    param.to(model.device)
     prep = model.preprocessing
     mean = torch.tensor(prep.mean).view(1, 3, 1, 1).to(model.device)
     std = torch.tensor(prep.std).view(1, 3, 1, 1).to(model.device)

@@ -60,7 +60,7 @@ def random_rotate(degrees: Sequence[float]) -> Transform:
     def apply(x, generator):
         a = math.radians(_pick(degrees, generator))
         theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
-                             dtype=x.dtype).expand(x.shape[0], 2, 3)
+                             dtype=x.dtype, device=x.device).expand(x.shape[0], 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return apply
