@@ -114,13 +114,13 @@ def impute(x: torch.Tensor, removed: torch.Tensor, cycles: int = 2, noise: float
     Solved by full multigrid, then `cycles` - 1 more V(2,2)-cycles on the full grid. Plain
     Jacobi sweeps spread information only a pixel a sweep: 40 of them left the holes of
     Grad-CAM-ranked removals 0.05-0.33 (mean) from the exact solution; 3 V-cycles from a blurred
-    fill 0.003-0.008, this 0.0014-0.0028 at 0.85-0.9x their time (bench/faithfulness.py;
+    fill 0.003-0.008, this 0.0014-0.0028 at 0.89-0.95x their time (bench/faithfulness.py;
     tests/test_explain_engine.py checks against scipy's sparse solve)."""
     x = x.contiguous(memory_format=torch.channels_last)
     levels = _hole_levels(removed, x.shape[1])
     v = _full_multigrid(x, levels)
-    for _ in range(cycles - 1):  # each corrects v by the multigrid solution for its residual
-        v = v + _v_cycle(torch.zeros_like(v), _residual(levels[0], v), levels)
+    for _ in range(cycles - 1):
+        v = _corrected(v, levels)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     return v + removed * noise * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
 
@@ -137,8 +137,13 @@ def _full_multigrid(v: torch.Tensor, levels: list[_Level], depth: int = 0) -> to
         start = F.interpolate(coarse, size=v.shape[-2:], mode="bilinear", align_corners=False)
     else:
         start = (v * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp(min=1)
-    v = torch.where(level.hole.bool(), start, v).contiguous(memory_format=torch.channels_last)
-    return v + _v_cycle(torch.zeros_like(v), _residual(level, v), levels, depth)
+    return _corrected(torch.where(level.hole.bool(), start, v).contiguous(memory_format=torch.channels_last),
+                      levels, depth)
+
+
+def _corrected(v: torch.Tensor, levels: list[_Level], depth: int = 0) -> torch.Tensor:
+    """v plus one V-cycle's solution for its residual on `levels[depth]`."""
+    return v + _v_cycle(torch.zeros_like(v), _residual(levels[depth], v), levels, depth)
 
 
 class _Level:

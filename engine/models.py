@@ -295,27 +295,34 @@ def cached_model(name: str = "efficientnet_lite0", weights: str | None = None, d
     return load_model(name, weights, device)
 
 
-def layer_channels(model: LoadedModel, layer: str) -> int:
-    """Channels of a layer's output (units of a vector layer), from one forward pass."""
-    from engine.hooks import forward_hooks
-
-    name, seen = model.resolve(layer), []
-
-    def hook(_m, _i, out):  # returns None: the output stays the module's
-        seen.append(int(out.shape[1]))
-
-    size = model.preprocessing.crop
-    with model.lock, torch.no_grad(), forward_hooks(model.module, {name: hook}):
-        model.module(torch.zeros(1, 3, size, size, device=model.device))
-    return seen[0]
-
-
 def check_channels(model: LoadedModel, layer: str, channels: list[int], option: str) -> None:
     """Every channel in [0, channels of `layer`), or an InputError naming `option`."""
-    n = layer_channels(model, layer)
-    bad = [c for c in channels if not 0 <= c < n]
+    name = model.resolve(layer)
+    shape = output_shapes(model).get(name)
+    if shape is None:
+        raise InputError(f"{option}: {layer} outputs no tensor")
+    bad = [c for c in channels if not 0 <= c < shape[0]]
     if bad:
-        raise InputError(f"{option}: {layer} has channels 0..{n - 1}, not {', '.join(map(str, bad))}")
+        raise InputError(f"{option}: {layer} has channels 0..{shape[0] - 1}, not {', '.join(map(str, bad))}")
+
+
+def output_shapes(model: LoadedModel, input_size: int | None = None) -> dict[str, tuple]:
+    """Output shape (without the batch) of every layer that outputs a tensor, in execution
+    order, from one forward pass of a zero image."""
+    from engine.hooks import forward_hooks
+
+    size = input_size or model.preprocessing.crop
+    shapes: dict[str, tuple] = {}
+
+    def record(name):
+        def hook(_m, _i, out):  # returns None: the output stays the module's
+            if isinstance(out, torch.Tensor) and name not in shapes:
+                shapes[name] = tuple(out.shape[1:])
+        return hook
+
+    with model.lock, torch.no_grad(), forward_hooks(model.module, {n: record(n) for n in model.layer_names()}):
+        model.module(torch.zeros(1, 3, size, size, device=model.device))
+    return shapes
 
 
 def layer_table(model: LoadedModel, input_size: int | None = None) -> list[dict]:
@@ -323,25 +330,12 @@ def layer_table(model: LoadedModel, input_size: int | None = None) -> list[dict]
     from engine.receptive_field import receptive_fields
 
     size = input_size or model.preprocessing.crop
-    x = torch.zeros(1, 3, size, size, device=model.device)
-    shapes: dict[str, tuple] = {}
-    order: list[str] = []
-    from engine.hooks import forward_hooks
-
-    def record(name):
-        def hook(_m, _i, out):
-            if isinstance(out, torch.Tensor) and name not in shapes:
-                shapes[name] = tuple(out.shape[1:])
-                order.append(name)
-        return hook
-
-    with model.lock, torch.no_grad(), forward_hooks(model.module, {n: record(n) for n in model.layer_names()}):
-        model.module(x)
+    shapes = output_shapes(model, size)
     rfs = receptive_fields(model, size)
     return [
-        {"layer": n, "type": type(model.module.get_submodule(n)).__name__, "shape": list(shapes[n]),
+        {"layer": n, "type": type(model.module.get_submodule(n)).__name__, "shape": list(shape),
          "rf_size": _rf_text(rfs.get(n), "size"), "rf_stride": _rf_text(rfs.get(n), "stride")}
-        for n in order
+        for n, shape in shapes.items()
     ]
 
 

@@ -52,6 +52,17 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _flock_or_refuse(fd: int, store: str | os.PathLike) -> None:
+    """Take the store's lock file `fd` without waiting, or StoreLockedError naming its holder."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise StoreLockedError(f"store {store} is in use by another run ({holder or 'unknown process'})") from None
+        raise
+
+
 def check_free(store: str | os.PathLike) -> None:
     """StoreLockedError if another run holds the store now: a command checks before its flow
     starts, so the refusal is one line (Store.lock inside the flow stays the real guard)."""
@@ -60,12 +71,7 @@ def check_free(store: str | os.PathLike) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            raise StoreLockedError(f"store {store} is in use by another run ({holder or 'unknown process'})") from None
-        raise
+        _flock_or_refuse(fd, store)
     finally:
         os.close(fd)  # closing drops the lock taken just now
 
@@ -271,15 +277,7 @@ class Store:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.EACCES):
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                    raise StoreLockedError(
-                        f"store {self.path} is in use by another run ({holder or 'unknown process'})"
-                    ) from None
-                raise
+            _flock_or_refuse(fd, self.path)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
             _held[key] = 1

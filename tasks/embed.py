@@ -63,7 +63,7 @@ def write_space(store: Store, name: str, space: Space, rows: np.ndarray, n: int,
         store.write_array(f"{base}/grid", grid, attrs={"what": "t-SNE map snapped to a grid: dataset indices, -1 empty"})
     else:
         store.delete(f"{base}/grid")
-    store.update_attrs(base, **attrs, file_list=file_list_digest(store.read_manifest()))
+    store.update_attrs(base, **attrs)
 
 
 @task(name="embed-space")
@@ -80,6 +80,7 @@ def embed_space(store_path: str, job: str, name: str, source: str, kind: str, me
              "trust_tsne": space.trust_tsne, "pca_explained": space.pca_explained,
              "affinities": describe_affinities(len(rows), perplexity) if space.tsne is not None else None,
              "gpu": gpu_count() > 0, "timings": space.timings}
-    write_space(store, name, space, rows, len(manifest), {**provenance, **facts, "index_file": index_file.name})
+    write_space(store, name, space, rows, len(manifest), {**provenance, **facts, "index_file": index_file.name,
+                                                          "file_list": file_list_digest(manifest)})
     store.mark_shard_done(job, 0, fp, facts)
     return facts
