@@ -92,8 +92,10 @@ def class_visualisation(model: LoadedModel, class_index: int, opts: ClassVisOpti
     objective = obj.class_logit(class_index) + opts.l2_weight * obj.l2()
     hooks = [l2_decay(opts.decay), blur_every(opts.blur_every, opts.blur_sigma),
              clip_small_norm(opts.clip_norm_pct), clip_small_contribution(opts.clip_contribution_pct)]
-    return render(model, objective, param, opts.steps, lr=opts.lr, optimizer="normalized",
-                  transform=roll(opts.jitter), generator=g, smooth=opts.smooth, after_step=hooks, record=record)
+    result = render(model, objective, param, opts.steps, lr=opts.lr, optimizer="normalized",
+                    transform=roll(opts.jitter), generator=g, smooth=opts.smooth, after_step=hooks, record=record)
+    result.settings = {"class_index": int(class_index), **opts.to_dict()}
+    return result
 
 
 @dataclass
@@ -127,5 +129,7 @@ def invert_features(model: LoadedModel, image: np.ndarray, opts: InvertOptions =
     param = PixelParam(shape=ref.shape, noise=0.05, generator=g)
     objective = obj.feature_match(layer, target) + opts.tv_weight * obj.tv(opts.tv_beta)
     transform = compose([pad(opts.jitter), jitter(opts.jitter + 1)]) if opts.jitter else None
-    return render(model, objective, param, opts.steps, lr=opts.lr, optimizer="adam", transform=transform,
-                  generator=g, smooth=opts.smooth, record=record)
+    result = render(model, objective, param, opts.steps, lr=opts.lr, optimizer="adam", transform=transform,
+                    generator=g, smooth=opts.smooth, record=record)
+    result.settings = {**opts.to_dict(), "layer": layer}
+    return result

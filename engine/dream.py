@@ -62,4 +62,5 @@ def deep_dream(model: LoadedModel, image: np.ndarray, opts: DreamOptions = Dream
         losses += list(r.losses)
         seconds += r.seconds
         snapshots.append((k + 1, tensor_to_image(resize(param().detach(), (h, w)))))
-    return RenderResult(snapshots[-1][1], np.asarray(losses), snapshots, seconds)
+    return RenderResult(snapshots[-1][1], np.asarray(losses), snapshots, seconds,
+                        {**opts.to_dict(), "layer": model.resolve(opts.layer)})

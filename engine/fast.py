@@ -124,6 +124,11 @@ class FastOptions:
 # ---------------------------------------------------------------- graph capture
 
 
+# FX installs its nn.Module.__call__ patch process-wide and restores what it found: two traces
+# at once (two renders' networks) leave the first tracer's patch in place for good
+_TRACE_LOCK = threading.Lock()
+
+
 class _Tracer(fx.Tracer):
     """Convolutions and batch norms stay whole (so they can be folded); every module call's
     output node is recorded, so a layer name maps to exactly the tensor its forward hook sees."""
@@ -136,7 +141,15 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
 
+    def trace(self, root, concrete_args=None):
+        self._thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
     def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            # FX patches nn.Module.__call__ for every thread while it traces: another thread's
+            # forward (a render or shard running beside this trace) must run as if untraced
+            return forward(*args, **kwargs)
         out = super().call_module(m, forward, args, kwargs)
         name = self.path_of_module(m)
         self.module_calls[name] += 1
@@ -208,7 +221,8 @@ def build_graph(module: nn.Module, layers: tuple[str, ...], options: FastOptions
     """
     module = copy.deepcopy(module)
     tracer = _Tracer()
-    graph = tracer.trace(module)
+    with _TRACE_LOCK:
+        graph = tracer.trace(module)
     for name in layers:
         if name not in tracer.module_outputs or tracer.module_calls[name] != 1:
             raise Unsupported(name)

@@ -190,6 +190,8 @@ def style_transfer(model: LoadedModel, content: np.ndarray, styles: list[np.ndar
     if opts.preserve_color == "luminance":
         result.images = _recolor(result.images, c_color)
         result.snapshots = [(k, _recolor(im, c_color)) for k, im in result.snapshots]
+    result.settings = {**opts.to_dict(), "style_layers": list(s_layers), "content_layer": c_layer,
+                       "smooth": tuned.smooth, "avg_pool": tuned.avg_pool}
     return result
 
 
@@ -227,5 +229,7 @@ def synthesize_texture(model: LoadedModel, source: np.ndarray, opts: TextureOpti
     objective = style_objective(model, net, [src], layers, opts.layer_weights, None)
     g = torch.Generator().manual_seed(opts.seed)
     param = PixelParam(shape=(1, 3, opts.size, opts.size), noise=0.5, generator=g)
-    return render(model, objective, param, opts.steps, lr=opts.lr, optimizer=opts.optimizer, generator=g,
-                  smooth=tuned.smooth, avg_pool=tuned.avg_pool, record=opts.record)
+    result = render(model, objective, param, opts.steps, lr=opts.lr, optimizer=opts.optimizer, generator=g,
+                    smooth=tuned.smooth, avg_pool=tuned.avg_pool, record=opts.record)
+    result.settings = {**opts.to_dict(), "layers": list(layers), "smooth": tuned.smooth, "avg_pool": tuned.avg_pool}
+    return result

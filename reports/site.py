@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jinja2
+import markupsafe
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
@@ -168,6 +169,15 @@ def when(iso: str | None) -> str:
         return str(iso)
 
 
+def keep_carriage_returns(value: Any) -> Any:
+    """Every `{{ }}` output passes here before autoescape: a carriage return (a legal file-name
+    character) becomes the reference &#13;, because an HTML parser turns a literal one into a
+    line feed and the page would show another name than the file's."""
+    if isinstance(value, str) and "\r" in value:
+        return markupsafe.Markup(str(markupsafe.escape(value)).replace("\r", "&#13;"))
+    return value
+
+
 def class_label(label: Any) -> str:
     """A folder label with its ImageNet class name when it is a WordNet id
     (`n01440764 · tench`); any other label as it is."""
@@ -192,6 +202,7 @@ class Site:
             loader=jinja2.PackageLoader("reports", "templates"),
             autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
             undefined=jinja2.StrictUndefined,
+            finalize=keep_carriage_returns,
         )
         self.env.filters["fmt"] = fmt
         self.env.filters["when"] = when

@@ -67,7 +67,7 @@ def render_task(store_path: str, kind: str, name: str, params: dict, inputs: lis
     attrs = {"kind": kind, "name": name, "params": params, "inputs": inputs, **m.describe(),
              "seconds": round(time.perf_counter() - t0, 3), "finished": datetime.now(timezone.utc).isoformat(),
              "loss_first": float(result.losses[0]), "loss_last": float(result.losses[-1]),
-             "losses": _curve(result.losses), "fingerprint": fp}
+             "losses": _curve(result.losses), "settings": result.settings, "fingerprint": fp}
     if result.snapshots:
         store.write_array(f"render/{kind}/_steps/{name}", np.stack([s[1][0] for s in result.snapshots]),
                           attrs={"steps": [s[0] for s in result.snapshots], "of": key})

@@ -15,7 +15,8 @@ from PIL import Image
 from engine.files import manifest_name
 
 HOSTILE_NAMES = ["with space.jpg", "quote's \"double\".jpg", "<script>alert(1)<\\script>.jpg",
-                 "<img src=x onerror=alert(1)>.jpg", "\"';--.jpg", "ñandú_日本語_🐟.jpg"]
+                 "<img src=x onerror=alert(1)>.jpg", "\"';--.jpg", "ñandú_日本語_🐟.jpg",
+                 "carriage\rreturn.jpg"]
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -252,3 +252,53 @@ def test_layers_the_net_changes_in_place_keep_their_own_output(shared_batch, nam
     _, acts = run_model(model, x, layers, fast=NO_COMPILE if fast == "on" else FastOptions.off())
     for layer in layers:
         assert (acts[layer] - ref[layer]).abs().max().item() < 1e-4 * ref[layer].abs().max().item(), layer
+
+
+def test_forwards_in_other_threads_run_untouched_while_a_graph_is_traced(model):
+    """FX patches nn.Module.__call__ process-wide while it traces: two renders of different
+    layers on the threads runner crashed ("module is not installed as a submodule") when one
+    traced its graph while the other ran the model."""
+    import threading
+
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.module(x)
+    errors, results, tracing = [], [], threading.Event()
+
+    def forwards():
+        tracing.wait()
+        while tracing.is_set():
+            try:
+                with torch.no_grad():
+                    results.append(model.module(x))
+            except Exception as e:  # noqa: BLE001 - the failure under test
+                errors.append(repr(e))
+                return
+
+    other = threading.Thread(target=forwards)
+    other.start()
+    tracing.set()
+    try:
+        for layers in [("_blocks.3",), ("_blocks.5",), ("_blocks.8",)]:
+            build_graph(model.module, layers, FastOptions())
+    finally:
+        tracing.clear()
+        other.join()
+    assert not errors, errors[:1]
+    assert results and all(torch.equal(r, expected) for r in results)
+
+
+def test_graphs_traced_at_once_in_two_threads_leave_module_calls_unpatched(model):
+    """Two traces at once stacked FX's process-wide patch of nn.Module.__call__, and the one
+    restored last put the other's tracer back for good: every later forward in that thread
+    failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    call = nn.Module.__call__
+    with ThreadPoolExecutor(4) as pool:
+        graphs = list(pool.map(lambda layers: build_graph(model.module, layers, FastOptions()),
+                               [("_blocks.3",), ("_blocks.5",), ("_blocks.8",), ("_blocks.10",)] * 2))
+    assert nn.Module.__call__ is call
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(graphs[0](x)[0], model.module(x), atol=1e-4, rtol=1e-4)

@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from engine.style import STYLE_LAYERS
 from tests.conftest import cli_env, neurocat_cmd
 
 
@@ -40,12 +41,37 @@ def test_render_flow_writes_every_parameter_and_skips_done_renders(prefect_api, 
     assert attrs["params"]["seed"] == 3 and attrs["params"]["style_weight"] == 1.0
     assert attrs["model"] == "efficientnet_lite0" and attrs["weights_sha256"] and attrs["seconds"] > 0
     assert attrs["inputs"] == images and attrs["finished"]
+    used = attrs["settings"]  # the defaults the render resolved, not only the parameters asked for
+    assert used["style_layers"] == list(STYLE_LAYERS["efficientnet_lite0"].style)
+    assert used["content_layer"] == STYLE_LAYERS["efficientnet_lite0"].content
+    assert (used["lr"], used["optimizer"], used["steps"], used["style_weight"]) == (1.0, "lbfgs", 4, 1.0)
     assert store.read("render/style/_steps/chow-sw1.0").shape[0] == 1
     assert not np.array_equal(img, store.read("render/style/chow-sw10.0"))
     page = (tmp_path / "report" / "render" / "style-1.html").read_text()
-    assert "chow-sw10.0" in page and "style_weight" in page
+    assert "chow-sw10.0" in page and "style_weight" in page and STYLE_LAYERS["efficientnet_lite0"].style[-1] in page
     again = render_flow(_opts(tmp_path), "style", jobs)
     assert again["skipped"] == 2
+
+
+@pytest.mark.parametrize("kind, params", [
+    ("dream", {"size": 32, "octaves": 1, "steps": 1}),
+    ("texture", {"size": 32, "steps": 1}),
+    ("classvis", {"class_index": 340, "size": 32, "steps": 1}),
+    ("invert", {"size": 32, "steps": 1}),
+    ("featvis", {"layer": "_blocks.3", "channel": 2, "size": 32, "steps": 1}),
+])
+def test_every_render_records_the_settings_it_used(model, images, kind, params):
+    """Each render's settings hold every option with its default and the layer it resolved,
+    so the store says how an image was made even where the command line left a default."""
+    from tasks.render import RENDERERS
+
+    used = RENDERERS[kind](model, dict(params), images).settings
+    asked = {k: v for k, v in params.items() if not (kind == "dream" and k == "size")}  # dream's input size
+    assert {k: used[k] for k in asked} == asked
+    assert used["seed"] == 0 and "lr" in used and "smooth" in used
+    names = [used[k] for k in ("layer", "content_layer") if k in used] + used.get("layers", [])
+    assert len(names) == (0 if kind == "classvis" else 1 if kind != "texture" else 5), used
+    assert all(n == model.resolve(n) for n in names), names  # module paths, not aliases such as fc7
 
 
 def test_fast_style_flow_trains_once_and_stylises_a_folder(prefect_api, tmp_path, images):

@@ -277,13 +277,16 @@ def test_hostile_file_names_are_shown_literally_and_run_no_script(browser, hosti
     assert not c.dialogs, c.dialogs
     assert not c.problems, "\n".join(c.problems[:20])
     text = "\n".join(c.texts.values())
-    for name in HOSTILE_NAMES:
-        assert f"n01440764/{name}" in text, name
+    for name in HOSTILE_NAMES:  # shown text collapses a carriage return to white space
+        assert f"n01440764/{name}".replace("\r", " ") in text, name
     shots = Crawl(browser)
     try:
         shots.shoot((report / "predict" / "all-1.html").as_uri(), "report-hostile-names-laptop.png")
+        alts = set(shots.page.evaluate("Array.from(document.images).map(i => i.alt)"))
     finally:
         shots.close()
+    for name in HOSTILE_NAMES:  # attributes keep the name exactly (a parser reads a literal CR as LF)
+        assert f"n01440764/{name}" in alts, name
     assert not shots.dialogs and not shots.problems
     skipped = [p for p, s in hostile_run["expected"].items() if s == "skipped"]
     index_text = next(t for u, t in c.texts.items() if u.endswith("/index.html"))

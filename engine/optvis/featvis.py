@@ -33,9 +33,12 @@ def feature_visualisation(model: LoadedModel, layer: str, channel: int | Sequenc
     shape = (batch, 3, size, size)
     param = FourierParam(shape, decorrelate=decorrelate, generator=g) if fourier else \
         PixelParam(shape=shape, noise=0.05, generator=g)
-    return render(model, obj.channel(model.resolve(layer), index), param, steps, lr=lr, optimizer="adam",
-                  transform=standard_robustness(size) if robust else None, generator=g, smooth=smooth,
-                  record=record)
+    result = render(model, obj.channel(model.resolve(layer), index), param, steps, lr=lr, optimizer="adam",
+                    transform=standard_robustness(size) if robust else None, generator=g, smooth=smooth,
+                    record=record)
+    result.settings = {"layer": model.resolve(layer), "channel": index, "size": size, "steps": steps, "seed": seed,
+                       "lr": lr, "fourier": fourier, "decorrelate": decorrelate, "robust": robust, "smooth": smooth}
+    return result
 
 
 def visualize_unit(model: LoadedModel, layer: str, channel: int | Sequence[int], size: int = 128,

@@ -287,6 +287,7 @@ class RenderResult:
     losses: np.ndarray  # float [steps], the loss before each step
     snapshots: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (step, uint8 [B, H, W, 3])
     seconds: float = 0.0
+    settings: dict = field(default_factory=dict)  # every setting the render used, defaults resolved
 
     @property
     def image(self) -> np.ndarray:

@@ -28,7 +28,10 @@ def contact_sheet(images: list[np.ndarray], cell: int = 160, columns: int = 6) -
 
 
 def _params_text(attrs: dict) -> str:
-    keep = {k: attrs[k] for k in ("params", "inputs", "seed", "model", "weights_sha256", "seconds", "loss_first",
+    """What a render used: its settings with defaults resolved (a store from before they were
+    recorded, or a fast-style image, has only the parameters asked for)."""
+    asked = "settings" if "settings" in attrs else "params"
+    keep = {k: attrs[k] for k in (asked, "inputs", "seed", "model", "weights_sha256", "seconds", "loss_first",
                                   "loss_last", "finished", "checkpoint") if k in attrs}
     return json.dumps(keep, indent=1, default=str)
 
