@@ -103,7 +103,7 @@ class InvertOptions:
     layer: str = "fc7"
     size: int = 224
     steps: int = 200
-    lr: float = 0.05
+    lr: float = 0.02  # the real network's fc7 (smoothed gradient only): 0.05 overshoots at first
     tv_weight: float = 5.0  # 0.5 leaves high-frequency colour noise in fc7 inversions
     tv_beta: float = 2.0
     jitter: int = 4

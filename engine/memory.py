@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt parameters (malloc.h)
 ARENAS = 1  # the main arena: the only one whose heap can keep blocks over 64 MiB
@@ -80,6 +81,14 @@ def free_held() -> int | None:
         return None
     info.restype = _Mallinfo2
     return int(info().fordblks)
+
+
+def release_cuda_cache() -> None:
+    """After a shard on a GPU, the CUDA caching allocator's unused blocks go back to the
+    device: the next shard task, or another worker process on that GPU, finds them free."""
+    torch = sys.modules.get("torch")  # no torch imported: nothing ran on a GPU here
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def release_free_memory(keep: int = KEEP_TOP) -> None:

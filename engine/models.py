@@ -11,6 +11,7 @@ import functools
 import hashlib
 import os
 import threading
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -175,9 +176,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputError(f"weights file not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol ...": the message below says it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable file
-        raise InputError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
+        # not torch's own text: it ends by advising weights_only=False, which runs the file's code
+        kind = "a pickle of other objects than tensors" if "Weights only load failed" in str(e) else \
+            str(e).splitlines()[0]
+        raise InputError(f"cannot read weights file {path}: not a PyTorch state_dict ({kind})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

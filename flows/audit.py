@@ -26,7 +26,7 @@ from engine.files import dataset_file
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, shard_fingerprint, shard_items, stage)
 from flows.features import run_features
-from flows.report import _artifact_key, publish_report
+from flows.report import _artifact_key, _md, publish_report
 from flows.runners import threads_runner
 from storage.files import write_json
 from storage.store import Store, fingerprint
@@ -276,16 +276,16 @@ def summary_counts(findings: dict) -> dict[str, int]:
 def publish_audit_artifacts(store_path: str, findings: dict, counts: dict, findings_path: str) -> None:
     """A markdown summary and a table of the top findings, as Prefect artifacts."""
     key = _artifact_key(store_path) + "-audit"  # per store path: same-named stores elsewhere keep their own
-    lines = [f"# Audit of {Path(store_path).name}", ""] + [f"* {k.replace('_', ' ')}: {v}" for k, v in counts.items()]
+    lines = [f"# Audit of {_md(Path(store_path).name)}", ""] + [f"* {k.replace('_', ' ')}: {v}" for k, v in counts.items()]
     imb = findings["imbalance"]["classes"]
     if imb["ratio"] is not None:
-        lines.append(f"* class imbalance: {imb['ratio']} ({imb['largest']} vs {imb['smallest']})")
+        lines.append(f"* class imbalance: {imb['ratio']} ({_md(imb['largest'])} vs {_md(imb['smallest'])})")
     d = findings.get("drift") or {}
     if d:
         im = d["images"]
-        lines.append(f"* since {d['previous']}: +{len(im['added'])} / -{len(im['removed'])} images, "
+        lines.append(f"* since {_md(d['previous'])}: +{len(im['added'])} / -{len(im['removed'])} images, "
                      f"{len(d['new_near_duplicates'])} new duplicate clusters, {len(d['new_label_issues'])} new label issues")
-    lines.append(f"* findings: `{findings_path}`")
+    lines.append(f"* findings: {_md(Path(findings_path).resolve())}")
     create_markdown_artifact("\n".join(lines), key=key, description="neurocat audit summary")
     rows = [{"kind": "near_duplicates", "what": " | ".join(f["paths"]), "score": f["score"], "id": f["id"]}
             for f in findings["near_duplicates"][:50]]

@@ -106,6 +106,8 @@ def run_catalog(opts: RunOptions, store: Store, layers=DEFAULT_LAYERS, top_k: in
     with stage(store, JOB, "scan"):
         scan_dataset(opts.store, opts.data, opts.limit, opts.report)
     manifest = store.read_manifest()
+    # more than the dataset's images pads with -1 and sizes patch arrays by K (10^5: 30 GiB)
+    top_k, bottom_k = min(top_k, len(manifest)), min(bottom_k, len(manifest))
     activation_map_rows(manifest, activation_images)  # unknown paths fail before any work
     shapes = activation_shapes(model, layers)
     classes = [label_index(lbl, model.classes.index_of) for lbl in manifest["label"]]

@@ -24,7 +24,7 @@ from engine import attribution
 from engine.errors import InputError
 from engine.explanations import IMAGE_SIDE, REFERENCE
 from engine.faithfulness import BETTER, SCORES
-from engine.models import load_model
+from engine.models import cached_model
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, scan_dataset, shard_fingerprint, shard_items, stage)
 from flows.report import publish_report
@@ -38,7 +38,7 @@ MAP_CHUNK_ROWS = 16  # rows per zarr chunk of a map array (a divisor of the shar
 
 def check_methods(opts: RunOptions, methods: list[str], segment_with: str | None) -> None:
     """Fail before any work when a method cannot run on this model."""
-    model = load_model(opts.model, opts.weights, opts.device)
+    model = cached_model(opts.model, opts.weights, opts.device)
     if "cam" in methods and not attribution.is_gap_net(model):
         raise InputError(f"cam needs a net that ends in global average pooling + one linear layer; "
                          f"{opts.model} does not (use gradcam)")
@@ -126,7 +126,7 @@ def run_explain(opts: RunOptions, store: Store, methods: str | list[str], target
     rows = min(n, max_images) if max_images else n
     shards = plan_shards(rows, opts.shard_size)
     prov = model_provenance(opts)
-    side = load_model(opts.model, opts.weights, opts.device).preprocessing.crop
+    side = cached_model(opts.model, opts.weights, opts.device).preprocessing.crop
     settings = {"methods": methods, "target": target, "params": params, "faithfulness_steps": steps,
                 "segment_with": segment_with}
     attrs = {**prov, **settings, "run_key": fingerprint(prov, settings, opts.shard_size, rows, n)}

@@ -62,11 +62,19 @@ def render_flow(opts: RunOptions, kind: str, jobs: list[dict] | None = None, fas
 
 
 def run_demo_renders(opts: RunOptions, store: Store) -> list[dict]:
-    """A few cheap renders of the demo images (small, few steps): the demo must stay quick."""
+    """A few cheap renders of the demo images (small, few steps): the demo must stay quick.
+    The shipped data's chow and zebra; on another --data, its first two usable images."""
     from pathlib import Path
+
+    from engine.files import dataset_file
 
     data = Path(opts.data)
     chow, zebra = str(data / "n02112137" / "n02112137_chow.jpg"), str(data / "n02391049" / "n02391049_zebra.jpg")
+    if not (Path(chow).is_file() and Path(zebra).is_file()):
+        usable = store.read_manifest().query("status == 'ok'")["path"].tolist()
+        if not usable:
+            return []
+        chow, zebra = (str(dataset_file(data, p)) for p in (usable * 2)[:2])
     plans = {
         "dream": [{"name": "chow", "inputs": [chow], "params": {"size": 128, "octaves": 2, "steps": 6, "seed": 0}}],
         "style": [{"name": "chow-zebra", "inputs": [chow, zebra], "params": {"size": 96, "steps": 25, "seed": 0}}],

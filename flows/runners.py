@@ -69,6 +69,20 @@ def load_profile(path: str | os.PathLike) -> dict:
     return profile
 
 
+def _answering(address: str, timeout: float = 3.0) -> str:
+    """`address` if something accepts connections there; else a one-line error now, not
+    distributed's 30 s connect timeout and a traceback after the flow started."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(address)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 8786), timeout=timeout):
+            return address
+    except (OSError, ValueError) as e:
+        raise InputError(f"no Dask scheduler answers at {address}: {e}") from None
+
+
 def task_runner(spec: str = "threads", workers: int | None = None):
     """The Prefect task runner for `--runner` (see the module docstring)."""
     global _active_resources
@@ -87,12 +101,12 @@ def task_runner(spec: str = "threads", workers: int | None = None):
                             cluster_kwargs={"threads_per_worker": 1, "resources": {"GPU": 1},
                                             "preload": ["engine.worker"], "dashboard_address": None})
     if spec.startswith(("tcp://", "tls://", "ws://", "wss://")):
-        return _dask_runner(address=spec)
+        return _dask_runner(address=_answering(spec))
     if spec.endswith((".yaml", ".yml")):
         profile = load_profile(spec)
         _active_resources = profile.get("resources")
         if "address" in profile:
-            return _dask_runner(address=profile["address"])
+            return _dask_runner(address=_answering(profile["address"]))
         return _dask_runner(cluster_class=profile["cluster_class"], cluster_kwargs=profile.get("cluster_kwargs", {}),
                             adapt_kwargs=profile.get("adapt_kwargs"))
     raise InputError(f"unknown runner {spec!r}: use threads, dask, dask-cuda, tcp://host:port or a profile .yaml")

@@ -42,6 +42,19 @@ def _prepare_environment(verbose: bool) -> None:
             os.environ["PREFECT_API_URL"] = url
 
 
+def _die_with_parent():
+    """For a child process: on Linux, SIGTERM when this process dies, even killed (-9), when no
+    atexit runs. The server also runs in its own session, so a terminal's Ctrl-C reaches the
+    command (which stops the server at exit) and not the server under a flow that is ending."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 class TemporaryApiServer:
     """Prefect's API for one command when none is configured: the server process Prefect's
     ephemeral mode runs (uvicorn on `create_app`, UI off, the same database), started here
@@ -68,7 +81,8 @@ class TemporaryApiServer:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+            env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent())
         atexit.register(self.stop)
 
     def wait(self) -> None:

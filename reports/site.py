@@ -169,11 +169,21 @@ def when(iso: str | None) -> str:
         return str(iso)
 
 
-def keep_carriage_returns(value: Any) -> Any:
-    """Every `{{ }}` output passes here before autoescape: a carriage return (a legal file-name
-    character) becomes the reference &#13;, because an HTML parser turns a literal one into a
-    line feed and the page would show another name than the file's."""
-    if isinstance(value, str) and "\r" in value:
+# bidirectional embeddings, overrides and isolates: an unclosed U+202E in a name turns every
+# word and number after it on the line right-to-left
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def as_written(value: Any) -> Any:
+    """Every `{{ }}` output passes here before autoescape, so a name shows as the file's own:
+    a carriage return becomes the reference &#13; (an HTML parser reads a literal one as a
+    line feed), and a string with bidirectional controls is wrapped in FSI ... PDI, which
+    closes whatever it opened: the text beside it reads as it should."""
+    if not isinstance(value, str) or isinstance(value, markupsafe.Markup):
+        return value
+    if not BIDI_CONTROLS.isdisjoint(value):
+        value = f"\u2068{value}\u2069"
+    if "\r" in value:
         return markupsafe.Markup(str(markupsafe.escape(value)).replace("\r", "&#13;"))
     return value
 
@@ -202,7 +212,7 @@ class Site:
             loader=jinja2.PackageLoader("reports", "templates"),
             autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
             undefined=jinja2.StrictUndefined,
-            finalize=keep_carriage_returns,
+            finalize=as_written,
         )
         self.env.filters["fmt"] = fmt
         self.env.filters["when"] = when

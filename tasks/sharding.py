@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from engine.memory import release_free_memory, tune_malloc
+from engine.memory import release_cuda_cache, release_free_memory, tune_malloc
 from storage.store import Store
 
 
@@ -36,5 +36,6 @@ def skip_if_done(fn=None, *, id_param: str = "shard"):
             return fn(*args, **kwargs)
         finally:
             release_free_memory()
+            release_cuda_cache()
 
     return wrapper

@@ -16,7 +16,7 @@ from engine.files import manifest_name
 
 HOSTILE_NAMES = ["with space.jpg", "quote's \"double\".jpg", "<script>alert(1)<\\script>.jpg",
                  "<img src=x onerror=alert(1)>.jpg", "\"';--.jpg", "ñandú_日本語_🐟.jpg",
-                 "carriage\rreturn.jpg"]
+                 "carriage\rreturn.jpg", "evil\u202egpj.exe"]
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -184,6 +185,28 @@ def test_audit_publishes_a_markdown_summary_and_a_findings_table(prefect_api, fi
     listed = {r["what"] for r in rows if r["kind"] == "near_duplicates"}
     assert {" | ".join(p) for p in planted["dup_pairs"]} <= listed
     assert {r["what"].split(":")[0] for r in rows if r["kind"] == "label_issues"} >= planted["label_errors"]
+
+
+def test_audit_summary_artifact_shows_hostile_names_as_text(prefect_api, tmp_path):
+    """Class and store names are markdown-inert in the summary artifact: a folder named like a
+    javascript: link or an HTML tag stays text in the Prefect UI."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.audit import GATES, publish_audit_artifacts
+    from flows.report import _artifact_key
+
+    link, tag = "[click me](javascript:alert(1)) **bold**", "<img src=x onerror=alert(2)>"
+    findings = {k: [] for k in GATES} | {"drift": None,
+                                         "imbalance": {"classes": {"ratio": 1.5, "largest": link, "smallest": tag}}}
+    store = str(tmp_path / "[x](javascript:1).zarr")
+    publish_audit_artifacts.fn(store, findings, {k: 0 for k in GATES}, str(tmp_path / "r" / "findings.json"))
+    with get_client(sync_client=True) as client:
+        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[_artifact_key(store) + "-audit"])))
+    assert re.search(r"(?<!\\)[\[\]<>]", art.data) is None, art.data  # no link or tag: all escaped
+    assert "\\*\\*bold\\*\\*" in art.data and "onerror" in art.data  # and still there as text
+    assert str((tmp_path / "r" / "findings.json").resolve()).replace("/", "") in art.data.replace("\\", "").replace("/", "")
 
 
 def test_a_split_column_in_the_metadata_makes_duplicates_leak(first_audit, tmp_path):

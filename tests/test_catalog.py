@@ -285,3 +285,15 @@ def test_pooled_patches_equal_roi_align_bit_for_bit(brute, model, layer):
     want = to_uint8_hwc(crop_boxes(torch.from_numpy(images).permute(0, 3, 1, 2).float(), rows, box, size))
     assert np.array_equal(got, want)
     assert (box[:, 2:] - box[:, :2] == side).all() and (got == 128).all(-1).any()  # squared, grey borders
+
+
+def test_k_beyond_the_dataset_is_clamped_to_it(prefect_api, demo_data, tmp_path):
+    """--top-k 100000 on 3 images sized the patch arrays by K (30 GiB for 16 images) and died;
+    K is now at most the dataset's size, and the catalogue equals one made with that K."""
+    opts = RunOptions(data=str(demo_data), store=str(tmp_path / "k.zarr"), report=str(tmp_path / "k-report"),
+                      limit=3, shard_size=3)
+    catalog_flow(opts, ["_blocks.1"], top_k=100_000, bottom_k=100_000, projections=0, activation_images=0)
+    store = Store(opts.store, mode="r")
+    assert store.attrs("catalog/_blocks.1/stats")["top_k"] == 3
+    top = store.read("catalog/_blocks.1/top_index")
+    assert top.shape[1] == 3 and (np.sort(top, axis=1) == np.arange(3)).all()  # each image once per unit

@@ -51,3 +51,24 @@ def test_a_task_thread_reuses_activation_memory_once_flows_are_imported():
     second arena). Compared after two warm-up batches."""
     plain, tuned = page_faults("plain"), page_faults("flows")
     assert statistics.median(tuned[2:]) < 0.5 * statistics.median(plain[2:]), (plain, tuned)
+
+
+def test_a_shard_on_a_gpu_hands_cached_blocks_back(tmp_path, monkeypatch):
+    """DESIGN's dask-cuda pitfall: CUDA memory is freed between shards. No GPU here, so the
+    CUDA runtime's two calls stand in; the shard wrapper itself is the real one."""
+    import torch
+
+    from storage.store import Store
+    from tasks.sharding import skip_if_done
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+
+    @skip_if_done
+    def shard_task(store_path, job, fp, shard):
+        return {"shard": shard}
+
+    Store(str(tmp_path / "s.zarr"))
+    assert shard_task(store_path=str(tmp_path / "s.zarr"), job="j", fp="f", shard=0) == {"shard": 0}
+    assert emptied == [1]

@@ -1,6 +1,7 @@
 """Model registry, weights loading and receptive fields."""
 
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -63,8 +64,11 @@ def test_pickled_objects_are_refused(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"w": Evil()}, path)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError) as refused, warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning on the way
         load_model("resnet18", path)
+    # torch's own message advises weights_only=False, which would run the file's code
+    assert "weights_only" not in str(refused.value) and "not a PyTorch state_dict" in str(refused.value)
 
 
 def test_receptive_fields_match_known_values():

@@ -92,8 +92,11 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, shared_images):
         ["predict"],
         ["predict", "--data", str(shared_images), "--store", str(tmp_path / "a_file")],  # a file, not a folder
         ["predict", "--data", str(shared_images), "--report", str(tmp_path / "a_file")],
+        ["predict", "--data", str(shared_images), "--runner", "tcp://127.0.0.1:1", "--limit", "1"],  # no scheduler
+        ["report", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "a_file")],
     ]
     (tmp_path / "a_file").write_text("not a folder")
+    Store(str(tmp_path / "s.zarr"))
     for args in cases:
         out = subprocess.run(neurocat_cmd() + args, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, (args, out.stderr[-2000:])
@@ -132,6 +135,32 @@ def test_cli_without_an_api_runs_on_its_own_server_and_leaves_none(tmp_path, dem
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no layer 'nope'" in bad.stderr
     assert "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert processes_with_home(home) == []
+
+
+def test_a_killed_command_takes_its_temporary_server_with_it(tmp_path, demo_data):
+    """kill -9 runs no atexit: the server must still go (it kept 220 MB and a port for good),
+    and it runs in its own session, out of reach of the terminal's Ctrl-C."""
+    import signal
+    import time
+
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    job = subprocess.Popen(neurocat_cmd() + ["predict", "--data", str(demo_data), "--store", str(tmp_path / "p.zarr")],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    def servers():
+        return [pid for pid in processes_with_home(home) if pid != job.pid]
+    while not servers() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    servers = servers()
+    assert servers, "no temporary server started"
+    assert all(os.getsid(pid) != os.getsid(job.pid) for pid in servers)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    deadline = time.monotonic() + 30
+    while processes_with_home(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert processes_with_home(home) == []
 
 

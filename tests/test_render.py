@@ -47,9 +47,10 @@ def _acts(model, x, layers, smooth=None):
 
 
 @pytest.mark.parametrize("beta", [0.5, 2.0, 10.0, 20.0])
-def test_smooth_relu6_equals_the_two_softplus_form(beta):
-    """The one-exp form (and the fallback past its largest beta) against softplus_b(x) -
-    softplus_b(x - 6) and its autograd gradient, in float64, from far below 0 to far above 6."""
+def test_smooth_relu6_is_relu6_with_the_two_softplus_gradient(beta):
+    """Forward, exactly ReLU6 (the network computes what the model computes); backward, the
+    gradient of softplus_b(x) - softplus_b(x - 6) in float64 autograd, from the one-exp form
+    (and the fallback past its largest beta), from far below 0 to far above 6."""
     x = torch.cat([torch.linspace(-60, 70, 20001), torch.tensor([-1e4, 1e4, 0.0, 6.0])])
     mine = x.clone().requires_grad_(True)
     y = SmoothReLU6(beta)(mine)
@@ -57,9 +58,18 @@ def test_smooth_relu6_equals_the_two_softplus_form(beta):
     ref = x.double().requires_grad_(True)
     y_ref = torch.nn.functional.softplus(ref, beta) - torch.nn.functional.softplus(ref - 6, beta)
     y_ref.sum().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(mine.grad).all()
-    torch.testing.assert_close(y.double(), y_ref.detach(), rtol=0, atol=2e-6)
+    assert torch.equal(y.detach(), x.clamp(0, 6)) and torch.isfinite(mine.grad).all()
     torch.testing.assert_close(mine.grad.double(), ref.grad, rtol=0, atol=2e-6)
+
+
+def test_smoothed_render_network_computes_the_models_function(model, photo):
+    """A smoothed network changes gradients only: its logits are the model's (softplus in the
+    forward pass, at beta 2, had left none of 16 top-1 predictions standing)."""
+    x = normalize(model, photo)
+    with torch.no_grad():
+        logits = model.module(x)
+        smoothed = network(model, 2.0).eager(x)
+    torch.testing.assert_close(smoothed, logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("smooth", [None, 2.0])
@@ -163,7 +173,8 @@ def _loops(photo, other_photo):
         # kind: (run(model) -> RenderResult, how much the loss must fall)
         "style": (lambda m: style_transfer(m, c, [s], StyleOptions(size=SIZE, steps=16)), "ratio"),
         "texture": (lambda m: synthesize_texture(m, s, TextureOptions(size=SIZE, steps=8)), "ratio"),
-        "invert": (lambda m: invert_features(m, c, InvertOptions(size=SIZE, steps=10, jitter=0, tv_weight=0.5)), "ratio"),
+        "invert": (lambda m: invert_features(m, c, InvertOptions(layer="_blocks.8", size=SIZE, steps=10, jitter=0,
+                                                                 tv_weight=0.5)), "ratio"),
         "dream": (lambda m: deep_dream(m, c, DreamOptions(layer="_blocks.4", octaves=1, steps=6, lr=0.05)), "ascent"),
         "classvis": (lambda m: class_visualisation(m, 340, ClassVisOptions(size=SIZE, steps=10)), "ascent"),
         "featvis": (lambda m: feature_visualisation(m, "_blocks.6", 3, size=SIZE, steps=10), "ascent"),
@@ -191,8 +202,10 @@ def test_fast_style_trains_and_keeps_odd_input_sizes(model, photo, other_photo):
         assert net(torch.rand(1, 3, h, w), [0.3, 0.7]).shape == (1, 3, h, w)
     content = [_uint8(photo)]
     ck, losses = train_fast_style(model, content, [_uint8(other_photo)],
-                                  FastStyleOptions(width=8, blocks=1, size=32, batch=1, steps=15, lr=1e-2))
-    assert losses[-5:].mean() < 0.5 * losses[:3].mean()
+                                  FastStyleOptions(width=8, blocks=1, size=32, batch=1, steps=80, lr=1e-2))
+    # Adam's first steps from the random net overshoot (the loss of the network as it is, not
+    # a smoothed stand-in); from there on training must cut it a lot
+    assert losses[-5:].mean() < 0.7 * losses[1:6].mean(), losses.round()
     out = apply_fast_style(ck.build(), _uint8(photo)[:41, :39])
     assert out.shape == (41, 39, 3) and out.dtype == np.uint8
 

@@ -121,3 +121,77 @@ def test_cli_render_rejects_bad_number_lists(tmp_path, images):
         assert bad.returncode == 2 and f"error: {option}" in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert not (tmp_path / "r.zarr").exists()
+
+
+def test_render_page_shows_renders_whose_names_look_like_url_syntax(tmp_path, images):
+    """A render is named after its input file, which may hold '#', '?', '%' or a leading dot:
+    each image on the render page must still load (a raw '#' made the rest a fragment)."""
+    import html.parser
+    import urllib.parse
+    from pathlib import Path
+
+    from reports.site import build_site
+    from storage.store import Store
+    from tasks.render import render_task
+
+    store = str(tmp_path / "r.zarr")
+    Store(store)
+    names = ["pct%20%41 #frag?x=1", ".hidden", "plain-name_1.0"]
+    for name in names:
+        render_task.fn(store, "dream", name, {"size": 32, "octaves": 1, "steps": 1}, images[:1],
+                       "efficientnet_lite0", None, "cpu")
+    page = Path(build_site(store, tmp_path / "report")).parent / "render" / "dream-1.html"
+
+    class Sources(html.parser.HTMLParser):
+        found: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.found += [v for k, v in attrs if k == "src"]
+
+    parser = Sources()
+    parser.feed(page.read_text())
+    files = [page.parent / urllib.parse.unquote(urllib.parse.urlsplit(src).path) for src in parser.found]
+    assert len(files) > len(names) and all(f.is_file() for f in files), parser.found  # renders, steps, sheet
+    assert all(name in page.read_text() for name in ("pct%20%41 #frag?x=1", ".hidden"))
+
+
+@pytest.mark.parametrize("argv, json_out, verbose", [
+    (["render", "--json", "classvis", "--classes", "1"], True, False),
+    (["render", "classvis", "--classes", "1", "--json"], True, False),
+    (["render", "-v", "featvis", "--layer", "x", "--channels", "1"], False, True),
+    (["render", "adversarial", "--data", "d", "--json"], True, False),
+    (["render", "dream"], False, False),
+])
+def test_output_options_count_before_or_after_the_kind(argv, json_out, verbose):
+    """`render --json KIND` printed key: value lines: the kind's own --json default overwrote it."""
+    from neurocat.cli import build_parser
+
+    parser, _ = build_parser()
+    args = parser.parse_args(argv)
+    assert (args.json, args.verbose) == (json_out, verbose)
+
+
+@pytest.mark.slow
+def test_demo_renders_on_another_data_folder_use_its_images(prefect_api, shared_images, tmp_path):
+    """`neurocat demo --data DIR` crashed at the renders: they named the shipped chow and zebra."""
+    import shutil
+
+    from prefect import flow
+
+    from flows.common import RunOptions, scan_dataset
+    from flows.render import run_demo_renders
+    from storage.store import Store
+
+    data = tmp_path / "data" / "n01440764"
+    data.mkdir(parents=True)
+    shutil.copy(shared_images / "n01440764" / "n01440764_tench.JPEG", data / "tench.JPEG")
+    opts = RunOptions(data=str(tmp_path / "data"), store=str(tmp_path / "d.zarr"), report=str(tmp_path / "r"))
+
+    @flow
+    def renders_only():
+        scan_dataset(opts.store, opts.data, None, opts.report)
+        return run_demo_renders(opts, Store(opts.store))
+
+    assert len(renders_only()) == 4
+    attrs = Store(opts.store, mode="r").attrs("render/style/chow-zebra")
+    assert attrs["inputs"] == [str(data / "tench.JPEG")] * 2

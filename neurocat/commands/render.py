@@ -45,8 +45,13 @@ def _common(sp, size: int, steps: int, images: bool) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--lr", type=finite_float, help="step size (default: the kind's tuned value)")
     sp.add_argument("--record", default="", help="steps to keep as intermediate images, e.g. 10,50")
-    sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    sp.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+    _output_options(sp)
+
+
+def _output_options(sp) -> None:
+    """--json and -v, also after the kind; given before it (`render --json dream`), they stand."""
+    sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object on stdout")
+    sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Prefect's logs")
 
 
 def _adversarial_module():
@@ -126,8 +131,7 @@ def add_arguments(p) -> None:
     if adversarial is not None:
         sp = sub.add_parser("adversarial", help=adversarial.HELP)
         adversarial.add_arguments(sp)  # adds the common options itself
-        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-        sp.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+        _output_options(sp)
 
 
 def input_files(args) -> list[str]:

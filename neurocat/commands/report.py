@@ -23,5 +23,7 @@ def run(args) -> dict:
         out = args.out or str(a.parent / f"{a.stem}-vs-{b.stem}")
     else:
         out = args.out or str(Path(args.store).with_suffix("")) + "-report"
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
     wait_for_api()
     return report_flow(args.store, out, args.compare)

@@ -84,12 +84,15 @@ def build(site: Site) -> Section | None:
                                 title="Predictions: misclassified", heading="Misclassified images",
                                 thumb_size=THUMB) if wrong_rows else [None]
     figure = site.figure(confidence_figure(table), "predict/confidence.png")
-    facts = {"images": len(table), "top-1 accuracy": None if top1 is None else round(top1, 4),
+    labelled = int(table["correct"].notna().sum())
+    facts = {"images": len(table), "with an ImageNet label": labelled,
+             "top-1 accuracy": None if top1 is None else round(top1, 4),
              "misclassified": len(wrong), "mean top-1 probability": round(float(table["prob"].mean()), 4)}
     site.render("predict.html", "predict.html", title="Predictions", facts=facts, top1=top1, figure=figure,
                 confusions=confusions, all_href=all_pages[0], wrong_href=wrong_pages[0], wrong=len(wrong),
                 preview=rows[:12], thumb_size=THUMB)
-    summary = f"{len(table)} images" + (f", top-1 {top1:.3f}" if top1 is not None else "")
+    summary = f"{len(table)} images" + (f", top-1 {top1:.3f}" if top1 is not None else "") + (
+        f" ({labelled} labelled)" if top1 is not None and labelled < len(table) else "")
     return Section("predict", "Predictions", "predict.html", summary, facts)
 
 
