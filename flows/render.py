@@ -74,7 +74,7 @@ def run_demo_renders(opts: RunOptions, store: Store) -> list[dict]:
         usable = store.read_manifest().query("status == 'ok'")["path"].tolist()
         if not usable:
             return []
-        chow, zebra = (str(dataset_file(data, p)) for p in (usable * 2)[:2])
+        chow, zebra = (dataset_file(data, p) for p in (usable * 2)[:2])
     plans = {
         "dream": [{"name": "chow", "inputs": [chow], "params": {"size": 128, "octaves": 2, "steps": 6, "seed": 0}}],
         "style": [{"name": "chow-zebra", "inputs": [chow, zebra], "params": {"size": 96, "steps": 25, "seed": 0}}],

@@ -183,6 +183,14 @@ def add_common_options(p: argparse.ArgumentParser, data_required: bool = True) -
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
+def check_folder(path: str | None, option: str) -> None:
+    """A folder option to write into: an existing file there is a typo, not a place to write."""
+    from engine.errors import InputError
+
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"--{option} {path} is a file, not a folder")
+
+
 def check_options(args) -> None:
     """The checks of the common options that need nothing imported: made before anything starts."""
     from engine.errors import InputError
@@ -193,10 +201,8 @@ def check_options(args) -> None:
     weights = getattr(args, "weights", None)
     if weights and not os.path.isfile(weights):
         raise InputError(f"weights file not found: {weights}")
-    for option in ("store", "report"):  # folders: an existing file there is a typo, not a place to write
-        path = getattr(args, option, None)
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise InputError(f"--{option} {path} is a file, not a folder")
+    for option in ("store", "report"):
+        check_folder(getattr(args, option, None), option)
     numbers = [getattr(args, name, None) for name in ("batch_size", "shard_size", "limit", "workers")]
     if any(v is not None and v < 1 for v in numbers):
         raise InputError("--batch-size, --shard-size, --limit and --workers must be positive")

@@ -49,12 +49,14 @@ lazy-loaded, so a report of 100,000 images stays a few hundred MB of small files
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib
 import importlib.metadata
 import io
 import math
 import platform
 import posixpath
+import re
 import shutil
 import traceback
 import warnings
@@ -167,6 +169,15 @@ def when(iso: str | None) -> str:
         return datetime.fromisoformat(str(iso)).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     except ValueError:
         return str(iso)
+
+
+def safe_name(name: str) -> str:
+    """A name (a layer, a render named after its input file) as a file name that is also a
+    plain URL path: `#`, `?` or `%` would read as a fragment, a query or an escape. Names of
+    letters, digits and `._-` stay as they are; others get a hash, so two never meet."""
+    if re.fullmatch(r"[A-Za-z0-9._-]+", name) and not name.startswith("."):
+        return name
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name).lstrip('.')}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 # bidirectional embeddings, overrides and isolates: an unclosed U+202E in a name turns every

@@ -7,7 +7,6 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -149,11 +148,11 @@ def test_a_killed_command_takes_its_temporary_server_with_it(tmp_path, demo_data
     job = subprocess.Popen(neurocat_cmd() + ["predict", "--data", str(demo_data), "--store", str(tmp_path / "p.zarr")],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    def servers():
+    def started():
         return [pid for pid in processes_with_home(home) if pid != job.pid]
-    while not servers() and job.poll() is None and time.monotonic() < deadline:
+    while not started() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    servers = servers()
+    servers = started()
     assert servers, "no temporary server started"
     assert all(os.getsid(pid) != os.getsid(job.pid) for pid in servers)
     job.send_signal(signal.SIGKILL)

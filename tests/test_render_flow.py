@@ -143,7 +143,9 @@ def test_render_page_shows_renders_whose_names_look_like_url_syntax(tmp_path, im
     page = Path(build_site(store, tmp_path / "report")).parent / "render" / "dream-1.html"
 
     class Sources(html.parser.HTMLParser):
-        found: list[str] = []
+        def __init__(self):
+            super().__init__()
+            self.found: list[str] = []
 
         def handle_starttag(self, tag, attrs):
             self.found += [v for k, v in attrs if k == "src"]

@@ -12,8 +12,9 @@ def run(args) -> dict:
     from pathlib import Path
 
     from engine.errors import InputError
+    from flows.common import default_report
     from flows.report import report_flow
-    from neurocat.cli import wait_for_api
+    from neurocat.cli import check_folder, wait_for_api
 
     for store in filter(None, [args.store, args.compare]):
         if not (Path(store) / "zarr.json").exists():
@@ -22,8 +23,7 @@ def run(args) -> dict:
         a, b = Path(args.store), Path(args.compare)
         out = args.out or str(a.parent / f"{a.stem}-vs-{b.stem}")
     else:
-        out = args.out or str(Path(args.store).with_suffix("")) + "-report"
-    if Path(out).exists() and not Path(out).is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
+        out = args.out or default_report(args.store)
+    check_folder(out, "out")
     wait_for_api()
     return report_flow(args.store, out, args.compare)

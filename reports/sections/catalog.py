@@ -11,13 +11,12 @@ catalog/activations.html               a few images, each beside a grid of every
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 
 from engine.atlas import ACTIVATION_GAP, activation_grid, activation_layout, tile_boxes, top_classes
 from engine.classes import imagenet_classes
-from reports.site import Section, SectionSkipped, Site
+from reports.site import Section, SectionSkipped, Site, safe_name
 
 PER_PAGE = 100
 UNIT_BLOCK = 64  # units whose images are read from the store at once
@@ -29,10 +28,6 @@ UNIT_IMAGES = ("top_patch", "bottom_patch", "overlay", "projection", "featvis")
 UNIT_IMAGE_EXT = ".jpg"
 ORDERS = {"unit": "unit", "selectivity": "class selectivity (high first)", "rate": "firing rate (high first)"}
 HIST_BARS = 48
-
-
-def _slug(layer: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", layer)
 
 
 def _histogram_bars(hist: np.ndarray, edges: np.ndarray) -> dict | None:
@@ -53,7 +48,7 @@ class _Layer:
 
     def __init__(self, site: Site, layer: str):
         s, base = site.store, f"catalog/{layer}"
-        self.layer, self.slug, self.base = layer, _slug(layer), base
+        self.layer, self.slug, self.base = layer, safe_name(layer), base
         self.attrs = s.attrs(f"{base}/stats")
         read = lambda name: s.read(f"{base}/{name}")  # noqa: E731
         self.stats = {k: read(f"stats/{k}") for k in ("mean", "std", "min", "max", "rate", "dead", "selectivity",
@@ -162,9 +157,9 @@ def _activation_page(site: Site, layers: list[str], labels: np.ndarray) -> str |
             boxes = tile_boxes(c, h * scale, w * scale, cols, ACTIVATION_GAP)
             on_image = maps.reshape(c, -1).max(1)
             grids.append({
-                "layer": layer, "units": c, "h": h, "w": w, "name": f"act-{m}-{_slug(layer)}",
-                "img": site.image(activation_grid(maps, peaks[layer]), f"catalog/activations/{m}-{_slug(layer)}.png"),
-                "tiles": [{"coords": ",".join(map(str, box)), "href": f"{_slug(layer)}/unit-{u}.html",
+                "layer": layer, "units": c, "h": h, "w": w, "name": f"act-{m}-{safe_name(layer)}",
+                "img": site.image(activation_grid(maps, peaks[layer]), f"catalog/activations/{m}-{safe_name(layer)}.png"),
+                "tiles": [{"coords": ",".join(map(str, box)), "href": f"{safe_name(layer)}/unit-{u}.html",
                            "title": f"unit {u}: max {on_image[u]:.3g} here, {peaks[layer][u]:.3g} on the dataset"}
                           for u, box in enumerate(boxes)]})
         images.append({"index": i, "path": site.manifest["path"].iloc[i], "label": name_of(labels[i]),

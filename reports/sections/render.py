@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 
 import numpy as np
 from PIL import Image
 
-from reports.site import Section, Site
+from reports.site import Section, Site, safe_name
 
 KINDS = {"dream": "DeepDream", "style": "Neural style", "texture": "Texture synthesis", "fast-style": "Fast style",
          "classvis": "Class visualisation", "invert": "Feature inversion", "featvis": "Feature visualisation"}
@@ -27,14 +25,6 @@ def contact_sheet(images: list[np.ndarray], cell: int = 160, columns: int = 6) -
         y, x = (i // columns) * cell + (cell - t.shape[0]) // 2, (i % columns) * cell + (cell - t.shape[1]) // 2
         sheet[y:y + t.shape[0], x:x + t.shape[1]] = t
     return sheet
-
-
-def file_stem(name: str) -> str:
-    """A render's name as a file name that is also a plain URL path: a name from an input
-    file may hold `#`, `?` or `%`, which a browser reads as a fragment, a query or an escape."""
-    if re.fullmatch(r"[A-Za-z0-9._-]+", name) and not name.startswith("."):
-        return name
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name).lstrip('.')}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def _params_text(attrs: dict) -> str:
@@ -58,9 +48,9 @@ def _kind_page(site: Site, kind: str, names: list[str]) -> dict:
         if site.store.has(f"{group}/_steps/{name}"):
             stack = site.store.read(f"{group}/_steps/{name}")
             labels = site.store.attrs(f"{group}/_steps/{name}").get("steps", [])
-            steps = [{"src": site.thumbnail(s, f"render/{kind}/steps/{file_stem(name)}-{i}.webp", 256), "step": lab}
+            steps = [{"src": site.thumbnail(s, f"render/{kind}/steps/{safe_name(name)}-{i}.webp", 256), "step": lab}
                      for i, (s, lab) in enumerate(zip(stack, labels))]
-        items.append({"name": name, "src": site.image(img, f"render/{kind}/{file_stem(name)}.png"),
+        items.append({"name": name, "src": site.image(img, f"render/{kind}/{safe_name(name)}.png"),
                       "shape": "x".join(map(str, img.shape[:2])), "params": _params_text(attrs),
                       "seconds": attrs.get("seconds"), "steps": steps})
     sheet = site.image(contact_sheet(images), f"render/{kind}/contact-sheet.png")
