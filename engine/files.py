@@ -25,6 +25,13 @@ def dataset_file(root: str | os.PathLike, path: str) -> str:
     return str(Path(root) / path.translate(_TO_FILE))
 
 
+def file_version(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What says a file is unchanged without reading it: size, mtime, ctime and inode. Size and
+    mtime alone miss a rewrite that keeps both (`touch -d`, `cp -p`, a tool restoring mtimes);
+    ctime cannot be set back, and a replaced file has a new inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
 _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                 8: Image.Transpose.ROTATE_90}

@@ -21,6 +21,7 @@ from torch import nn
 
 from engine.classes import ClassNames, imagenet_classes
 from engine.errors import InputError
+from engine.files import file_version
 
 
 
@@ -157,7 +158,7 @@ for _arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
 
 
 @functools.lru_cache(maxsize=16)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+def _file_sha256(path: str, version: tuple) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -167,7 +168,7 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def file_sha256(path: str | os.PathLike) -> str:
     st = os.stat(path)
-    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+    return _file_sha256(str(path), file_version(st))
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

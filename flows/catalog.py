@@ -34,6 +34,7 @@ from tasks.catalog import (catalog_featvis, catalog_patches, catalog_shard, merg
 
 JOB = "catalog"
 PATCH_JOB = "catalog-patches"
+FEATVIS_JOB = "catalog-featvis"
 DEFAULT_LAYERS = ("_blocks.5", "_blocks.10")
 BLOCK_BYTES = 256 << 20  # outputs of one pass-2 task (patches, overlays, projections): bounds its memory
 UNIT_CHUNK = 16  # units per chunk of the per-unit image arrays (patches, overlays, projections)
@@ -194,10 +195,11 @@ def activation_map_rows(manifest, chosen: int | list[str]) -> list[int]:
 
 
 def run_featvis(opts: RunOptions, store: Store, layers: list[str], n: int, attrs: dict) -> dict:
-    """Feature visualisations of the first `n` units of each layer, skipping dead units."""
+    """Feature visualisations of the first `n` units of each layer, skipping dead units; a
+    batch of units is a shard with its marker, so a rerun or a resume renders only the missing."""
     if n <= 0:
         return {}
-    futures, done = [], {}
+    done, batches = {}, []
     for layer in layers:
         dead = store.read(f"catalog/{layer}/stats/dead")
         units = min(n, len(dead))
@@ -208,11 +210,14 @@ def run_featvis(opts: RunOptions, store: Store, layers: list[str], n: int, attrs
                                   "what": "feature visualisation (engine.optvis.visualize_unit); dead units left black"})
         live = [int(c) for c in np.flatnonzero(~dead[:units])]
         done[layer] = {"units": units, "rendered": len(live), "dead": units - len(live)}
-        futures += [catalog_featvis.with_options(task_run_name=f"featvis-{layer}-{live[i]}").submit(
-            opts.store, layer, live[i:i + FEATVIS_BATCH], opts.model, opts.weights, opts.device, FEATVIS_SIZE,
-            FEATVIS_STEPS, 0) for i in range(0, len(live), FEATVIS_BATCH)]
-    for f in futures:
-        f.result()
+        # the array's shape is in the fingerprint: one of another shape is made anew, empty
+        batches += [(layer, live[i:i + FEATVIS_BATCH], units) for i in range(0, len(live), FEATVIS_BATCH)]
+    fps = [fingerprint(FEATVIS_JOB, attrs, layer, channels, units, FEATVIS_SIZE, FEATVIS_STEPS, 0)
+           for layer, channels, units in batches]
+    map_shards(catalog_featvis, store, FEATVIS_JOB, [Shard(j, j, j + 1) for j in range(len(batches))], fps,
+               lambda s: dict(store_path=opts.store, job=FEATVIS_JOB, shard=s.id, layer=batches[s.id][0],
+                              channels=batches[s.id][1], model=opts.model, weights=opts.weights, device=opts.device,
+                              size=FEATVIS_SIZE, steps=FEATVIS_STEPS, seed=0), opts.progress)
     return done
 
 

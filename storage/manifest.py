@@ -9,9 +9,12 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from engine.files import dataset_file
+from engine.files import dataset_file, file_version
 from engine.images import Entry, list_images, sha256_file, size_refusal
 from storage.store import MANIFEST_COLUMNS
+
+
+VERSION_COLUMNS = ["size", "mtime_ns", "ctime_ns", "inode"]  # engine.files.file_version, beside the hash
 
 
 def _probe(root: Path, entry: Entry, known: dict[tuple, str]) -> dict:
@@ -21,9 +24,9 @@ def _probe(root: Path, entry: Entry, known: dict[tuple, str]) -> dict:
            "sha256": None, "status": "ok", "reason": None}
     try:
         st = full.stat()
-        key = (entry.path, st.st_size, st.st_mtime_ns)
-        row["sha256"] = known.get(key) or sha256_file(full)
-        row["size"], row["mtime_ns"] = st.st_size, st.st_mtime_ns
+        version = dict(zip(VERSION_COLUMNS, file_version(st)))
+        row["sha256"] = known.get((entry.path, *version.values())) or sha256_file(full)
+        row.update(version)
         if st.st_size == 0:
             row.update(status="skipped", reason="empty file")
             return row
@@ -51,14 +54,14 @@ def build_manifest(root: str | os.PathLike, previous: pd.DataFrame | None = None
     if limit is not None:
         entries = entries[:limit]
     known = {}
-    if previous is not None and len(previous) and "size" in previous:
-        known = {(p, s, m): h for p, s, m, h in
-                 zip(previous["path"], previous["size"], previous["mtime_ns"], previous["sha256"]) if h}
+    if previous is not None and len(previous) and set(VERSION_COLUMNS) <= set(previous):
+        known = {(p, *version): h for p, h, *version in
+                 zip(previous["path"], previous["sha256"], *(previous[c] for c in VERSION_COLUMNS)) if h}
     with ThreadPoolExecutor(max_workers=threads) as pool:
         rows = list(pool.map(lambda e: _probe(root, e, known), entries))
-    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ["size", "mtime_ns"])
-    df["size"] = df["size"].astype("Int64")
-    df["mtime_ns"] = df["mtime_ns"].astype("Int64")
+    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + VERSION_COLUMNS)
+    for c in VERSION_COLUMNS:
+        df[c] = df[c].astype("Int64")
     return df
 
 

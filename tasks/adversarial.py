@@ -18,6 +18,7 @@ from engine.images import DecodedBatches
 from engine.inference import run_model
 from engine.models import LoadedModel, cached_model
 from storage.store import Store
+from tasks.sharding import skip_if_done
 
 
 def classify(model: LoadedModel, images_uint8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +36,7 @@ def write_batch_rows(store: Store, name: str, indices: np.ndarray, data: np.ndar
 
 
 @task(name="adversarial-universal", retries=1, retry_delay_seconds=1)
+@skip_if_done(shard_id="universal")
 def fit_universal(store_path: str, job: str, group: str, items: list[tuple[int, str]], model: str,
                   weights: str | None, device: str, batch_size: int, spec: dict, eps_list: list[float],
                   keys: list[str], fp: str) -> dict:
@@ -57,6 +59,7 @@ def fit_universal(store_path: str, job: str, group: str, items: list[tuple[int, 
 
 
 @task(name="adversarial-shard", retries=1, retry_delay_seconds=1)
+@skip_if_done
 def attack_shard(store_path: str, job: str, group: str, shard: int, start: int, stop: int,
                  items: list[tuple[int, str]], labels: list[int], model: str, weights: str | None, device: str,
                  batch_size: int, spec: dict, eps_list: list[float], keys: list[str], gains: list[float],

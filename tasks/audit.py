@@ -16,6 +16,7 @@ from engine.images import DecodedBatches, ImageError, open_for_model, resize_cro
 from engine.inference import pooled, run_model
 from engine.models import cached_model
 from storage.store import Store
+from tasks.sharding import skip_if_done
 from tasks.forward import thumbnails
 
 CONTEXT_ARRAYS = ("p_full", "p_object", "p_context", "p_full_correct", "p_object_correct", "p_context_correct", "area")
@@ -60,6 +61,7 @@ def calibration_copies(store_path: str, items: list[tuple[int, str]], model: str
 
 
 @task(name="audit-context-shard", retries=2, retry_delay_seconds=1)
+@skip_if_done
 def context_shard(store_path: str, job: str, shard: int, start: int, stop: int,
                   items: list[tuple[int, str]], targets: list[int], model: str, weights: str | None,
                   device: str, batch_size: int, level: float, fp: str) -> dict:

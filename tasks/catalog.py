@@ -23,7 +23,7 @@ from prefect import task
 
 from engine.atlas import filter_grid
 from engine.catalog import catalog_arrays, extract_patches, overlays, project_units, square_boxes, stats_summary
-from engine.files import dataset_file
+from engine.files import dataset_file, file_version
 from engine.images import DecodedBatches
 from engine.inference import run_layers
 from engine.models import cached_model
@@ -68,7 +68,7 @@ class DecodedImages:
             st = os.stat(path)
         except OSError:
             return None
-        return path, st.st_size, st.st_mtime_ns, repr(prep)
+        return path, *file_version(st), repr(prep)
 
     def put(self, paths: list[str], images: np.ndarray, prep) -> None:
         with self._lock:
@@ -287,12 +287,15 @@ class _BlockWork:
 
 
 @task(name="catalog-featvis", retries=1)
-def catalog_featvis(store_path: str, layer: str, channels: list[int], model: str, weights: str | None, device: str,
-                    size: int, steps: int, seed: int) -> int:
+@skip_if_done
+def catalog_featvis(store_path: str, job: str, shard: int, layer: str, channels: list[int], model: str,
+                    weights: str | None, device: str, size: int, steps: int, seed: int, fp: str) -> dict:
     """Feature visualisations of some units, optimised as one batch (engine.optvis, shared with renders)."""
     m = cached_model(model, weights, device)
     images = visualize_unit(m, layer, channels, size=size, steps=steps, seed=seed)
     store = Store(store_path)
     for c, image in zip(channels, images):
         store.write_rows(f"catalog/{layer}/featvis", c, np.asarray(image, np.uint8)[None])
-    return len(channels)
+    result = {"units": len(channels)}
+    store.mark_shard_done(job, shard, fp, result)
+    return result

@@ -17,6 +17,7 @@ from engine.faiss_index import gpu_count, serialize
 from engine.maps import describe_affinities
 from storage.indexes import write_index
 from storage.store import Store, file_list_digest
+from tasks.sharding import skip_if_done
 
 PIXELS = "pixels"  # the space of downscaled thumbnails
 
@@ -67,6 +68,7 @@ def write_space(store: Store, name: str, space: Space, rows: np.ndarray, n: int,
 
 
 @task(name="embed-space")
+@skip_if_done(shard_id=0)
 def embed_space(store_path: str, job: str, name: str, source: str, kind: str, metric: str, k: int,
                 with_maps: bool, perplexity: float | None, seed: int, provenance: dict, fp: str) -> dict:
     store = Store(store_path)

@@ -9,11 +9,13 @@ from engine.explanations import explain_batch
 from engine.images import DecodedBatches, label_index
 from engine.models import cached_model
 from storage.store import Store
+from tasks.sharding import skip_if_done
 
 INFO = "explain_info"
 
 
 @task(name="explain-shard", retries=2, retry_delay_seconds=1)
+@skip_if_done
 def explain_shard(store_path: str, job: str, shard: int, start: int, stop: int, items: list[tuple[int, str]],
                   labels: list[str | None], model: str, weights: str | None, device: str, batch_size: int,
                   methods: list[str], target: str | int, params: dict, steps: int, segment_with: str | None,

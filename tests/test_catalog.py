@@ -21,8 +21,8 @@ from engine.images import list_images
 from engine.inference import run_layers, run_model
 from engine.receptive_field import RF, receptive_fields
 from engine.truncate import UptoModel, upto_module
-from flows.catalog import (ACTIVATION_IMAGES, BLOCK_BYTES, JOB, UNIT_CHUNK, activation_map_rows, catalog_flow,
-                           channel_blocks, unit_output_bytes)
+from flows.catalog import (ACTIVATION_IMAGES, BLOCK_BYTES, FEATVIS_JOB, JOB, UNIT_CHUNK, activation_map_rows,
+                           catalog_flow, channel_blocks, unit_output_bytes)
 from flows.common import RunOptions
 from storage.store import Store
 
@@ -172,6 +172,33 @@ def test_resumed_run_reloads_shard_states_and_ends_identical(catalog, shared_ima
     assert len(list((copy / "_shards" / "catalog-patches").glob("*.json"))) == 3
     for name in ARRAYS:
         assert np.array_equal(store.read(name), Store(again["store"]).read(name), equal_nan=True), name
+
+
+def test_feature_visualisations_resume_from_their_markers(catalog, shared_images, monkeypatch):
+    """A rerun renders only the batches of units whose marker is missing (every one was
+    rendered again before): a kept batch keeps what it wrote, a redone one writes the same."""
+    tmp, result, _ = catalog
+    monkeypatch.setattr("flows.catalog.FEATVIS_SIZE", 32)
+    monkeypatch.setattr("flows.catalog.FEATVIS_STEPS", 4)
+    copy = tmp / "featvis.zarr"
+    shutil.copytree(result["store"], copy)
+    opts = RunOptions(data=str(shared_images), store=str(copy), report=str(tmp / "featvis-report"), **OPTS)
+
+    def featvis():
+        catalog_flow(opts, LAYERS, top_k=K, bottom_k=KB, projections=4, featvis_n=3)
+        return [Store(copy).read(f"catalog/{layer}/featvis") for layer in LAYERS]
+
+    first = featvis()
+    assert all(f.shape == (3, 32, 32, 3) and f.any() for f in first)
+    markers = copy / "_shards" / FEATVIS_JOB
+    assert sorted(p.name for p in markers.glob("*.json")) == ["0.json", "1.json"]  # a batch per layer
+    kept = np.full((1, 32, 32, 3), 7, np.uint8)
+    Store(copy).write_rows(f"catalog/{LAYERS[0]}/featvis", 0, kept)  # not redone: stays
+    Store(copy).write_rows(f"catalog/{LAYERS[1]}/featvis", 0, np.zeros((3, 32, 32, 3), np.uint8))
+    (markers / "1.json").unlink()  # redone
+    again = featvis()
+    assert np.array_equal(again[0][0], kept[0]) and np.array_equal(again[0][1:], first[0][1:])
+    assert np.array_equal(again[1], first[1])
 
 
 def test_channel_blocks_cover_every_unit_once_within_the_byte_bound():

@@ -3,6 +3,7 @@ t-SNE neighbourhoods, index round trips, the embed flow/CLI and the `neighbors` 
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -174,6 +175,22 @@ def test_tsne_map_trustworthiness_reaches_the_issue_target(embedded):
 
     store, rows, space = embedded["store"], embedded["rows"], embedded["centred"]
     assert trustworthiness(space, store.read("embed/fc7/tsne")[rows], n_neighbors=10, metric="cosine") >= 0.9
+
+
+def test_the_stored_graph_is_the_same_bytes_whatever_the_blas_threads(embedded):
+    """A Dask worker runs one BLAS thread, the threads runner all cores: the pixel space's graph
+    (the same store, computed in processes started with 1 and with 2 threads) is the same bytes."""
+    code = ("import sys, numpy as np; from storage.store import Store; from tasks.embed import space_vectors; "
+            "from engine.embedding import feature_space; s = Store(sys.argv[1], mode='r'); "
+            "rows = np.flatnonzero(s.read_manifest()['status'].values == 'ok'); "
+            "sp = feature_space(space_vectors(s, 'thumbs', rows), 'flat', 'l2', 10, False); "
+            "sys.stdout.buffer.write(sp.knn_index.tobytes() + sp.knn_dist.tobytes())")
+    graphs = []
+    for threads in ("1", "2"):
+        env = {**os.environ, **{v: threads for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+        graphs.append(subprocess.run([sys.executable, "-c", code, str(embedded["store"].path)], env=env,
+                                     capture_output=True, check=True).stdout)
+    assert len(graphs[0]) == 250 * 10 * 12 and graphs[0] == graphs[1]
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])

@@ -135,3 +135,31 @@ def test_exif_orientation_is_applied(tmp_path, shared_images, orientation):
         want = np.asarray(ImageOps.exif_transpose(plain.convert("RGB")))
     assert upright.size == ((80, 120) if orientation in (6, 8) else (120, 80))
     assert np.array_equal(np.asarray(upright), want)
+
+
+def test_manifest_rehashes_a_file_rewritten_with_its_old_size_and_mtime(tmp_path, shared_images):
+    """Hashes are reused for unchanged files only: an image rewritten in place with the same
+    size and mtime put back (as `cp -p` or a restoring tool does) gets its new content's hash."""
+    import hashlib
+    import os
+    import shutil
+
+    (tmp_path / "a").mkdir()
+    src = sorted(shared_images.glob("*/*"))[:3]
+    for p in src:
+        shutil.copy2(p, tmp_path / "a" / p.name)
+    first = build_manifest(tmp_path)
+    again = build_manifest(tmp_path, first)
+    assert list(again["sha256"]) == list(first["sha256"])
+    target = tmp_path / "a" / src[0].name
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0xFF  # inside the JPEG's entropy data: same size, other bytes
+    with open(target, "r+b") as f:  # in place: same inode
+        f.write(data)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    after = build_manifest(tmp_path, first)
+    row = list(after["path"]).index(f"a/{src[0].name}")
+    assert after["sha256"][row] == hashlib.sha256(bytes(data)).hexdigest() != first["sha256"][row]
+    assert (after["sha256"] == first["sha256"]).sum() == 2
