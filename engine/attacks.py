@@ -13,7 +13,8 @@ written op for op like torchattacks 3.3, so the two agree exactly on the same in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -218,20 +219,24 @@ def noise_images(n: int, size: int = 224, generator: torch.Generator | None = No
 
 def fooling_images(forward: Forward, start: torch.Tensor, targets: torch.Tensor, step_size: float = 1 / 255,
                    max_steps: int = 100, confidence: float = 0.9, eps: float | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
     """Gradient ascent on log p(target) from `start` (noise or real images) until the model
     gives every image's target class at least `confidence` (seeds/002: "stop when the
     network is fooled"); each image stops on its own. `eps` bounds the L-inf distance to
     `start` (None: anywhere in [0, 1]).
 
-    Returns (images, steps each image took, final target probability).
+    Returns (images, steps each image took, final target probability, the mean -log p(target)
+    before each step).
     """
     start = start.detach()
     adv = start.clone()
     taken = torch.zeros(len(start), dtype=torch.int64)
+    losses = []
     for step in range(max_steps + 1):
         grad, logits = loss_gradient(forward, adv, targets, targeted=True)
-        prob = logits.softmax(1).gather(1, targets.view(-1, 1)).squeeze(1)
+        log_prob = logits.log_softmax(1).gather(1, targets.view(-1, 1)).squeeze(1)
+        losses.append(float(-log_prob.mean()))
+        prob = log_prob.exp()
         active = prob < confidence
         if step == max_steps or not active.any():
             break
@@ -239,7 +244,44 @@ def fooling_images(forward: Forward, start: torch.Tensor, targets: torch.Tensor,
         moved = project(moved, start, eps, "linf") if eps is not None else moved.clamp(0, 1)
         adv = torch.where(active.view(-1, 1, 1, 1), moved, adv)
         taken += active.cpu()
-    return adv.detach(), taken, prob.cpu()
+    return adv.detach(), taken, prob.detach().cpu(), losses
+
+
+@dataclass
+class FoolingOptions:
+    size: int = 224  # of the noise start; an image start keeps its own size
+    steps: int = 100  # at most: the ascent stops once the model is fooled
+    lr: float = 1 / 255  # the L-inf step: each pixel moves one grey level a step
+    confidence: float = 0.9
+    eps: float | None = None  # L-inf bound on the change of an image start (None: none)
+    seed: int = 0
+
+
+def fooling_render(model, class_index: int, image: np.ndarray | None, opts: FoolingOptions = FoolingOptions()):
+    """A fooling image as a render: from `image` (uint8 [H, W, 3]) or from grey noise, stepped
+    until the model reads `class_index` with `opts.confidence` (`fooling_images`). The facts
+    are those of the stored uint8 image, what a user gets: its target probability and top class."""
+    from engine.optvis.render import RenderResult
+
+    g = torch.Generator().manual_seed(opts.seed)
+    start = (noise_images(1, opts.size, g) if image is None else to_pixels(torch.from_numpy(image)[None]))
+    start = start.to(model.device)
+    target = torch.tensor([class_index], device=model.device)
+    forward = pixel_forward(model, fast=True)
+    t0 = time.perf_counter()
+    with model.lock:  # other threads' hooks must not fire inside our forward passes
+        adv, taken, _, losses = fooling_images(forward, start, target, opts.lr, opts.steps, opts.confidence,
+                                               opts.eps)
+        stored = to_uint8(adv, start if image is not None else None)
+        with torch.no_grad():
+            probs = forward(to_pixels(stored).to(model.device)).softmax(1)[0]
+    result = RenderResult(images=stored.numpy(), losses=np.asarray(losses), seconds=time.perf_counter() - t0)
+    result.settings = {"class_index": int(class_index), "start": "noise" if image is None else "image",
+                       **asdict(opts)}
+    result.facts = {"steps_taken": int(taken[0]), "target_probability": round(float(probs[class_index]), 4),
+                    "top_class": int(probs.argmax()), "linf_change": round(float(
+                        (to_pixels(stored) - start.cpu()).abs().max()), 4) if image is not None else None}
+    return result
 
 
 def universal_perturbation(forward: Forward, batches: Sequence[torch.Tensor], eps: float, norm: str = "linf",

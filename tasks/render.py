@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 import numpy as np
 from prefect import task
 
+from engine.attacks import FoolingOptions, fooling_render
 from engine.classvis import ClassVisOptions, InvertOptions, class_visualisation, invert_features
 from engine.dream import DreamOptions, deep_dream
 from engine.fast_style import Checkpoint, FastStyleOptions, apply_fast_style, train_fast_style
@@ -41,6 +42,8 @@ RENDERERS = {
     "classvis": lambda m, p, paths: class_visualisation(m, p.pop("class_index"), ClassVisOptions(**p)),
     "invert": lambda m, p, paths: invert_features(m, load_image(paths[0]), InvertOptions(**p)),
     "featvis": lambda m, p, paths: feature_visualisation(m, **p),
+    "fooling": lambda m, p, paths: fooling_render(m, p.pop("class_index"), load_image(paths[0], p["size"]) if paths
+                                                  else None, FoolingOptions(**p)),
 }
 
 
@@ -67,7 +70,7 @@ def render_task(store_path: str, kind: str, name: str, params: dict, inputs: lis
     attrs = {"kind": kind, "name": name, "params": params, "inputs": inputs, **m.describe(),
              "seconds": round(time.perf_counter() - t0, 3), "finished": datetime.now(timezone.utc).isoformat(),
              "loss_first": float(result.losses[0]), "loss_last": float(result.losses[-1]),
-             "losses": _curve(result.losses), "settings": result.settings, "fingerprint": fp}
+             "losses": _curve(result.losses), "settings": result.settings, "facts": result.facts, "fingerprint": fp}
     if result.snapshots:
         store.write_array(f"render/{kind}/_steps/{name}", np.stack([s[1][0] for s in result.snapshots]),
                           attrs={"steps": [s[0] for s in result.snapshots], "of": key})

@@ -159,10 +159,11 @@ def test_fooling_images_from_noise_and_from_an_image(batch, forward):
     x = batch[0][:1]
     start = torch.cat([noise_images(1, generator=torch.Generator().manual_seed(3)), x])
     target = torch.tensor([954, 954])  # banana
-    images, steps, prob = fooling_images(forward, start, target, step_size=2 / 255, max_steps=40)
+    images, steps, prob, losses = fooling_images(forward, start, target, step_size=2 / 255, max_steps=40)
     assert (predict(forward, images) == target).all()
     assert (prob >= 0.9).all() and (steps > 0).all() and (steps < 40).all()
     assert images.min() >= 0 and images.max() <= 1
+    assert len(losses) == int(steps.max()) + 1 and losses[-1] < losses[0]
 
 
 def test_universal_perturbation_fools_more_than_random_noise_of_its_size(batch, forward):

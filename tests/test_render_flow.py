@@ -74,6 +74,38 @@ def test_every_render_records_the_settings_it_used(model, images, kind, params):
     assert all(n == model.resolve(n) for n in names), names  # module paths, not aliases such as fc7
 
 
+def test_fooling_images_are_read_as_their_target_class(prefect_api, tmp_path, images, model):
+    """From a photo within an L-inf ball and from grey noise, the stored uint8 image (not the
+    float one the ascent ended on) is what the facts describe: its top class is the target and
+    its target probability is the model's on the stored bytes; the photo moved at most eps."""
+    import torch
+
+    from engine.attacks import pixel_forward, to_pixels
+    from flows.render import render_flow
+    from storage.store import Store
+    from tasks.render import load_image
+
+    params = {"size": 64, "steps": 60, "lr": 2 / 255, "class_index": 954}  # banana
+    jobs = [{"name": "chow-to-banana", "params": {**params, "eps": 16 / 255}, "inputs": images[:1]},
+            {"name": "noise-to-banana", "params": params, "inputs": []}]
+    out = render_flow(_opts(tmp_path), "fooling", jobs)
+    store = Store(out["store"], mode="r")
+    forward = pixel_forward(model)
+    for job in jobs:
+        key = f"render/fooling/{job['name']}"
+        image, facts = store.read(key), store.attrs(key)["facts"]
+        with torch.no_grad():
+            prob = forward(to_pixels(torch.from_numpy(image)[None])).softmax(1)[0]
+        assert int(prob.argmax()) == facts["top_class"] == 954, (job["name"], facts)
+        assert abs(float(prob[954]) - facts["target_probability"]) < 1e-3
+        assert 0 < facts["steps_taken"] <= 60 and store.attrs(key)["settings"]["start"] == (
+            "image" if job["inputs"] else "noise")
+    photo = load_image(images[0], 64).astype(np.int16)
+    change = np.abs(store.read("render/fooling/chow-to-banana").astype(np.int16) - photo).max()
+    assert 0 < change <= 16
+    assert "target_probability" in (tmp_path / "report" / "render" / "fooling-1.html").read_text()
+
+
 def test_fast_style_flow_trains_once_and_stylises_a_folder(prefect_api, tmp_path, images):
     from flows.render import render_flow
     from storage.store import Store
@@ -92,7 +124,8 @@ def test_fast_style_flow_trains_once_and_stylises_a_folder(prefect_api, tmp_path
 def test_cli_render_featvis_and_classvis(prefect_api, tmp_path):
     store = str(tmp_path / "c.zarr")
     for args in (["featvis", "--layer", "_blocks.6", "--channels", "1,2", "--size", "48", "--steps", "4"],
-                 ["classvis", "--classes", "n02391049,1", "--size", "48", "--steps", "4"]):
+                 ["classvis", "--classes", "n02391049,1", "--size", "48", "--steps", "4"],
+                 ["fooling", "--noise", "--classes", "954,n02391049", "--size", "48", "--steps", "3"]):
         r = subprocess.run([*neurocat_cmd(), "render", *args, "--store", store, "--json"],
                            env=cli_env(prefect_api), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
@@ -115,7 +148,10 @@ def test_cli_render_rejects_bad_number_lists(tmp_path, images):
                          (["dream", str(images[0]), "--layer", "_blocks.6", "--channel", "5000"], "--channel"),
                          # layer names and blend weights checked before Prefect starts, not in the task
                          (["invert", str(images[0]), "--layer", "nope"], "model efficientnet_lite0 has no layer 'nope'"),
-                         (["style", str(images[0]), "--style", str(images[1]), "--blend", "0.5,0.5"], "--blend")):
+                         (["style", str(images[0]), "--style", str(images[1]), "--blend", "0.5,0.5"], "--blend"),
+                         (["fooling", "--noise", "--classes", "954,banana"], "--classes"),
+                         (["fooling", str(images[0]), "--classes", "954", "--eps", "8/0"], "--eps"),
+                         (["fooling", "--noise", "--classes", "954", "--confidence", "1.5"], "--confidence")):
         bad = subprocess.run([*neurocat_cmd(), "render", *args, "--store", str(tmp_path / "r.zarr")],
                              capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and f"error: {option}" in bad.stderr, bad.stderr

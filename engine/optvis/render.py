@@ -313,6 +313,7 @@ class RenderResult:
     snapshots: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (step, uint8 [B, H, W, 3])
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)  # every setting the render used, defaults resolved
+    facts: dict = field(default_factory=dict)  # what came out, where the loss does not say it
 
     @property
     def image(self) -> np.ndarray:

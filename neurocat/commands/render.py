@@ -1,4 +1,5 @@
-"""`neurocat render KIND ...`: DeepDream, style, texture, fast style, class and feature visualisation, inversion.
+"""`neurocat render KIND ...`: DeepDream, style, texture, fast style, class and feature visualisation,
+inversion, fooling images.
 
 Each kind has its own subparser (argparse cannot take the common options after a
 subcommand otherwise). Inputs are image files or folders given as arguments (or --data).
@@ -14,10 +15,10 @@ from pathlib import Path
 from engine.errors import InputError
 from neurocat.cli import add_common_options, finite_float, run_options, with_runner
 
-HELP = "render DeepDream, style transfer, textures, fast style, class/feature visualisations, inversions"
+HELP = "render DeepDream, style transfer, textures, fast style, class/feature visualisations, inversions, fooling images"
 JOB = False
 FLOW = True
-KINDS = ["dream", "style", "texture", "fast-style", "classvis", "invert", "featvis"]
+KINDS = ["dream", "style", "texture", "fast-style", "classvis", "invert", "featvis", "fooling"]
 
 
 def _floats(s: str, option: str) -> list[float]:
@@ -127,6 +128,13 @@ def add_arguments(p) -> None:
     sp.add_argument("--layer", required=True)
     sp.add_argument("--channels", required=True, help="comma list of channel indices")
 
+    sp = sub.add_parser("fooling", help="fooling images: step photos (or grey noise) until the model reads --classes")
+    _common(sp, 224, 100, True)
+    sp.add_argument("--noise", action="store_true", help="start from grey noise of --size px instead of the images")
+    sp.add_argument("--classes", required=True, help="target class indices or WordNet ids, comma separated")
+    sp.add_argument("--confidence", type=finite_float, default=0.9, help="stop once p(target) reaches this")
+    sp.add_argument("--eps", help="L-inf bound on the change of an image, e.g. 8/255 (default: none)")
+
     adversarial = _adversarial_module()
     if adversarial is not None:
         sp = sub.add_parser("adversarial", help=adversarial.HELP)
@@ -168,6 +176,19 @@ def _usable(paths: list[str]) -> list[str]:
     return ok
 
 
+def _classes(text: str, model) -> list[int]:
+    """Class indices from a comma list of indices or WordNet ids."""
+    classes = [int(c) if c.strip().isdigit() else model.classes.index_of.get(c.strip(), -1) for c in text.split(",")]
+    if any(not 0 <= c < len(model.classes) for c in classes):
+        raise InputError(f"--classes: unknown class in {text!r} (give indices 0-{len(model.classes) - 1} "
+                         "or WordNet ids)")
+    return classes
+
+
+def _class_name(model, c: int) -> str:
+    return f"{c}-{model.classes.names[c]}".replace("/", "_")
+
+
 def _stem(path: str) -> str:
     return Path(path).stem
 
@@ -185,15 +206,11 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
 
     record = _ints(args.record, "--record")
     if args.kind == "classvis":
-        classes = [int(c) if c.strip().isdigit() else model.classes.index_of.get(c.strip(), -1)
-                   for c in args.classes.split(",")]
-        if any(not 0 <= c < len(model.classes) for c in classes):
-            raise InputError(f"unknown class in --classes {args.classes!r}")
+        classes = _classes(args.classes, model)
         params = _kw(args, size=args.size, l2_weight=args.l2_weight, decay=args.decay, blur_every=args.blur_every,
                      blur_sigma=args.blur_sigma, clip_norm_pct=args.clip_norm_pct,
                      clip_contribution_pct=args.clip_contribution_pct, jitter=args.jitter)
-        return [{"name": f"{c}-{model.classes.names[c]}".replace("/", "_"), "params": {**params, "class_index": c}}
-                for c in classes], None
+        return [{"name": _class_name(model, c), "params": {**params, "class_index": c}} for c in classes], None
     if args.kind == "featvis":
         layer = model.resolve(args.layer)
         channels = _ints(args.channels, "--channels")
@@ -205,6 +222,20 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
         for name in (getattr(args, option, None) or "").split(","):
             if name.strip():
                 model.resolve(name.strip())
+    if args.kind == "fooling":
+        from engine.attacks import parse_eps
+
+        classes = _classes(args.classes, model)
+        if not 0 < args.confidence < 1:
+            raise InputError(f"--confidence: must be between 0 and 1, got {args.confidence:g}")
+        try:
+            eps = parse_eps(args.eps) if args.eps else None
+        except InputError as e:
+            raise InputError(f"--eps: {e}") from None
+        p = _kw(args, size=args.size, confidence=args.confidence, eps=eps)
+        starts = [None] if args.noise else _usable(input_files(args))
+        return [{"name": f"{_stem(i) if i else 'noise'}-to-{_class_name(model, c)}", "params": {**p, "class_index": c},
+                 "inputs": [i] if i else []} for i in starts for c in classes], None
     if args.kind == "dream" and args.channel is not None:
         check_channels(model, args.layer, [args.channel], "--channel")
     images = _usable(input_files(args))

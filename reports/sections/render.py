@@ -10,7 +10,8 @@ from PIL import Image
 from reports.site import Section, Site, safe_name
 
 KINDS = {"dream": "DeepDream", "style": "Neural style", "texture": "Texture synthesis", "fast-style": "Fast style",
-         "classvis": "Class visualisation", "invert": "Feature inversion", "featvis": "Feature visualisation"}
+         "classvis": "Class visualisation", "invert": "Feature inversion", "featvis": "Feature visualisation",
+         "fooling": "Fooling images"}
 PER_PAGE = 48
 
 
@@ -31,8 +32,8 @@ def _params_text(attrs: dict) -> str:
     """What a render used: its settings with defaults resolved (a store from before they were
     recorded, or a fast-style image, has only the parameters asked for)."""
     asked = "settings" if "settings" in attrs else "params"
-    keep = {k: attrs[k] for k in (asked, "inputs", "seed", "model", "weights_sha256", "seconds", "loss_first",
-                                  "loss_last", "finished", "checkpoint") if k in attrs}
+    keep = {k: attrs[k] for k in (asked, "facts", "inputs", "seed", "model", "weights_sha256", "seconds", "loss_first",
+                                  "loss_last", "finished", "checkpoint") if k in attrs and (k != "facts" or attrs[k])}
     return json.dumps(keep, indent=1, default=str)
 
 
