@@ -28,19 +28,27 @@ def activation_layout(c: int, h: int, w: int) -> tuple[int, int]:
     return scale, max(1, min(c, max(4, ACTIVATION_WIDTH // (w * scale + ACTIVATION_GAP))))
 
 
+NEGATIVE_BLUE = np.array([70.0, 150.0, 255.0], np.float32)  # the colour of a map's lowest level below zero
+
+
 def activation_grid(maps: np.ndarray, peak: np.ndarray) -> np.ndarray:
     """Every unit's activation map [C, h, w] on one image as a uint8 RGB grid (`activation_layout`, unit order).
 
-    Each map shows its positive part divided by `peak[c]` (the unit's highest score on the
-    dataset, so a dark tile is a unit this image barely drives; a unit never above 0 stays
-    black), in `inferno`, each map cell a block of pixels (no smoothing: the layer's resolution).
-    """
+    Each map is divided by `peak[c]` (the unit's highest score on the dataset, so a dark tile is
+    a unit this image barely drives): the part above zero in `inferno`, black to yellow; the part
+    below zero, which linear-bottleneck outputs (EfficientNet's blocks) hold as much of as above
+    it, from black to blue, clipped at -peak. A unit never above 0 on the dataset has its own
+    map's largest |value| as the scale. Each map cell is a block of pixels (no smoothing: the
+    layer's resolution)."""
     c, h, w = maps.shape
     scale, cols = activation_layout(c, h, w)
-    peak = np.asarray(peak, np.float32)[:, None, None]
-    level = np.clip(np.asarray(maps, np.float32), 0, None) / np.maximum(peak, 1e-12)
-    level = np.where(peak > 0, np.clip(level, 0, 1), 0.0)
-    colour = inferno_lut()[np.round(level * 255).astype(np.int64)]  # [C, h, w, 3]
+    maps = np.asarray(maps, np.float32)
+    peak = np.asarray(peak, np.float32)
+    own = np.abs(maps).reshape(c, -1).max(1)
+    level = maps / np.maximum(np.where(peak > 0, peak, own), 1e-12)[:, None, None]
+    colour = inferno_lut()[np.round(np.clip(level, 0, 1) * 255).astype(np.int64)]  # [C, h, w, 3]
+    below = np.clip(-level, 0, 1)[..., None]
+    colour = np.where(below > 0, below * NEGATIVE_BLUE, colour)
     tiles = np.repeat(np.repeat(colour, scale, 1), scale, 2)
     return tile_grid(tiles, cols, ACTIVATION_GAP, fill=255.0).round().astype(np.uint8)
 

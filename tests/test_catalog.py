@@ -324,3 +324,24 @@ def test_k_beyond_the_dataset_is_clamped_to_it(prefect_api, demo_data, tmp_path)
     assert store.attrs("catalog/_blocks.1/stats")["top_k"] == 3
     top = store.read("catalog/_blocks.1/top_index")
     assert top.shape[1] == 3 and (np.sort(top, axis=1) == np.arange(3)).all()  # each image once per unit
+
+
+def test_activation_grid_shows_both_signs_of_a_linear_layer(catalog):
+    """_blocks.5 ends in a linear projection: about half of its values are below zero. The grid
+    colours them blue by their depth (they were black, like zero), values above zero as before."""
+    from engine.atlas import NEGATIVE_BLUE, activation_grid, activation_layout, inferno_lut, tile_boxes
+
+    _, _, store = catalog
+    maps = store.read("catalog/_blocks.5/activation_maps")[0].astype(np.float32)
+    peak = store.read("catalog/_blocks.5/stats/max")
+    assert 0.3 < (maps < 0).mean() < 0.7
+    grid = activation_grid(maps, peak).astype(np.float32)
+    c, h, w = maps.shape
+    scale, cols = activation_layout(c, h, w)
+    lut = inferno_lut()
+    for u, (x0, y0, _, _) in enumerate(tile_boxes(c, h * scale, w * scale, cols, 2)):
+        cells = grid[y0:y0 + h * scale:scale, x0:x0 + w * scale:scale]  # one pixel per map cell
+        level = maps[u] / peak[u]
+        want = np.where((level < 0)[..., None], np.clip(-level, 0, 1)[..., None] * NEGATIVE_BLUE,
+                        lut[np.round(np.clip(level, 0, 1) * 255).astype(int)])
+        assert np.abs(cells - want).max() <= 0.5, u
