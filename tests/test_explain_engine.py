@@ -533,3 +533,27 @@ def test_grabcut_masks_on_threads_equal_one_image_at_a_time(shared_images):
     one_by_one = np.stack([grabcut_mask(img, s) for img, s in zip(images, seeds)])
     assert 0.02 < one_by_one.mean() < 0.98
     assert np.array_equal(grabcut_masks(images, seeds, threads=3), one_by_one)
+
+
+def test_guided_gradcam_run_with_its_parts_is_their_product_bit_for_bit(model, batch, monkeypatch):
+    """explain_batch with guided backprop and Grad-CAM makes guided Grad-CAM from their maps
+    (each gradient computed once; twice before): the same bytes as computed alone, and as the
+    gated guided gradients the definition multiplies out."""
+    from engine.explanations import explain_batch
+
+    images, x, t = batch
+    alone = explain_batch(model, images, [-1, -1], ["guided_gradcam"], steps=0)
+    passes = []
+    guided = A.guided_gradients
+    monkeypatch.setattr(A, "guided_gradients", lambda *a, **k: passes.append(1) or guided(*a, **k))
+    both = explain_batch(model, images, [-1, -1], ["guided_gradcam", "guided_backprop", "gradcam"], steps=0)
+    monkeypatch.undo()
+    assert len(passes) == 1
+    assert list(both.maps) == ["guided_backprop", "gradcam", "guided_gradcam"]
+    assert np.array_equal(alone.maps["guided_gradcam"], both.maps["guided_gradcam"])
+    defined = (A.guided_gradients(model, x, t) * A.gradcam(model, x, t)[:, None]).abs().amax(1)
+    assert torch.equal(A.guided_backprop(model, x, t) * A.gradcam(model, x, t), defined)
+    other = explain_batch(model, images, [-1, -1], ["guided_gradcam", "guided_backprop", "gradcam"], steps=0,
+                          params={"gradcam": {"layer": "_blocks.10"}})  # another Grad-CAM layer: computed on its own
+    assert np.array_equal(other.maps["guided_gradcam"], alone.maps["guided_gradcam"])
+    assert not np.array_equal(other.maps["gradcam"], both.maps["gradcam"])
