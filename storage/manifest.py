@@ -19,6 +19,9 @@ def _probe(root: Path, entry: Entry, known: dict[tuple, str]) -> dict:
     full = Path(dataset_file(root, entry.path))
     row = {"path": entry.path, "label": entry.label, "split": entry.split,
            "sha256": None, "status": "ok", "reason": None}
+    if entry.reason:  # a folder that could not be listed
+        row.update(status="skipped", reason=entry.reason)
+        return row
     try:
         st = full.stat()
         key = (entry.path, st.st_size, st.st_mtime_ns)
