@@ -68,8 +68,10 @@ def _label_and_split(rel_dir: Path) -> tuple[str | None, str | None]:
     return (manifest_name(label_parts[-1]) if label_parts else None), split
 
 
-def list_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> list[Entry]:
-    """Every regular file under `root`, sorted by relative path (the image index order).
+def list_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = (),
+                limit: int | None = None) -> list[Entry]:
+    """Every regular file under `root`, sorted by relative path (the image index order); the
+    first `limit` of them when given.
 
     ImageFolder layout: the label is the name of the file's folder; a `train/`, `val/` or
     `test/` folder directly under the root names the split. Files directly in the root
@@ -100,7 +102,7 @@ def list_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
         entries.append(Entry(manifest_name(rel_dir.as_posix()), *_label_and_split(rel_dir),
                              reason=f"unreadable folder: {error.strerror or error}"))
     entries.sort(key=lambda e: e.path)
-    return entries
+    return entries[:limit]
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -50,9 +50,7 @@ def build_manifest(root: str | os.PathLike, previous: pd.DataFrame | None = None
     """List, hash and header-check every file under `root` but the `exclude` folders; reuse
     hashes of unchanged files."""
     root = Path(root)
-    entries = list_images(root, exclude)
-    if limit is not None:
-        entries = entries[:limit]
+    entries = list_images(root, exclude, limit)
     known = {}
     if previous is not None and len(previous) and "size" in previous:
         known = {(p, s, m): h for p, s, m, h in
