@@ -1,7 +1,8 @@
 """Finding, decoding and batching images without ever holding the dataset in memory.
 
 Every file under the data folder is listed (recursively, in a stable order); a file that
-cannot be used is not an error but a manifest row with status "skipped" and a reason.
+cannot be used, or a folder that cannot be listed, is not an error but a manifest row with
+status "skipped" and a reason.
 Grayscale, palette, CMYK, alpha and 16-bit images are converted to 8-bit RGB; images
 larger than `MAX_PIXELS` are refused before their pixels are decoded; JPEGs many times the
 model's input size are decoded at a reduced scale (`Preprocessing.jpeg_draft`).
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
+from engine.errors import InputError
 from engine.files import manifest_name, upright
 from engine.models import Preprocessing
 
@@ -49,32 +51,43 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class Entry:
-    """One file of the dataset: its path relative to the data root, label and split."""
+    """One file of the dataset: its path relative to the data root, label and split; or a
+    folder that could not be listed, with the `reason` (its files are unknown, not absent)."""
 
     path: str
     label: str | None
     split: str | None
+    reason: str | None = None
 
 
-def list_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> list[Entry]:
-    """Every regular file under `root`, sorted by relative path (the image index order).
+def _label_and_split(rel_dir: Path) -> tuple[str | None, str | None]:
+    """Label and split of the files in folder `rel_dir` (relative to the data root)."""
+    parts = rel_dir.parts
+    split = parts[0] if parts and parts[0].lower() in SPLITS else None
+    label_parts = parts[1:] if split else parts
+    return (manifest_name(label_parts[-1]) if label_parts else None), split
+
+
+def list_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = (),
+                limit: int | None = None) -> list[Entry]:
+    """Every regular file under `root`, sorted by relative path (the image index order); the
+    first `limit` of them when given.
 
     ImageFolder layout: the label is the name of the file's folder; a `train/`, `val/` or
     `test/` folder directly under the root names the split. Files directly in the root
     have no label. Hidden files and folders (starting with '.') are not part of a dataset,
     nor are the folders in `exclude` (the run's own store and report, when they lie inside).
+    A folder that cannot be listed (no permission) is an entry too, with the reason, so that
+    its files are reported missing rather than silently absent; the root is an InputError.
     """
     root = Path(root)
     skip = {os.path.realpath(p) for p in exclude}
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    entries, unlisted = [], []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                              and os.path.realpath(os.path.join(dirpath, d)) not in skip)
         rel_dir = Path(dirpath).relative_to(root)
-        parts = rel_dir.parts
-        split = parts[0] if parts and parts[0].lower() in SPLITS else None
-        label_parts = parts[1:] if split else parts
-        label = manifest_name(label_parts[-1]) if label_parts else None
+        label, split = _label_and_split(rel_dir)
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -82,8 +95,14 @@ def list_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
             if not full.is_file():
                 continue
             entries.append(Entry(manifest_name((rel_dir / name).as_posix()), label, split))
+    for error in unlisted:
+        rel_dir = Path(error.filename).relative_to(root)
+        if rel_dir == Path():
+            raise InputError(f"data folder cannot be listed: {root} ({error.strerror or error})")
+        entries.append(Entry(manifest_name(rel_dir.as_posix()), *_label_and_split(rel_dir),
+                             reason=f"unreadable folder: {error.strerror or error}"))
     entries.sort(key=lambda e: e.path)
-    return entries
+    return entries[:limit]
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -71,11 +71,26 @@ def parse_fail_on(fail_on) -> list[str]:
     return names
 
 
+LATEST = "latest"  # --previous: the newest other audit store beside this one
+
+
+def previous_audit(path: str) -> Store:
+    """The store of an earlier audit, read-only, or an InputError saying why `path` is none.
+    The CLI calls it on `--previous` before the flow starts."""
+    try:
+        store = Store(path, mode="r")
+    except FileNotFoundError:
+        raise InputError(f"--previous: no neurocat store at {path}") from None
+    except (ValueError, KeyError) as e:  # zarr's words for a store it cannot read
+        raise InputError(f"--previous: {path} is not a readable neurocat store ({e})") from None
+    if not store.has("audit") or "findings" not in store.attrs("audit"):
+        raise InputError(f"--previous: store {path} holds no audit")
+    return store
+
+
 def resolve_previous(previous: str | None, current: str) -> str | None:
     """The previous audit's store; `latest` = the newest other store beside this one with an audit."""
-    if previous != "latest":
-        if previous and not (Path(previous) / "zarr.json").exists():
-            raise InputError(f"--previous: no neurocat store at {previous}")
+    if previous != LATEST:
         return previous
     here = Path(current).resolve()
     candidates = sorted((p for p in here.parent.glob("*.zarr") if p.resolve() != here and
@@ -85,9 +100,9 @@ def resolve_previous(previous: str | None, current: str) -> str | None:
 
 def _has_findings(path: Path) -> bool:
     try:
-        s = Store(path, mode="r")
-        return s.has("audit") and "findings" in s.attrs("audit")
-    except (FileNotFoundError, ValueError, KeyError):
+        previous_audit(str(path))
+        return True
+    except InputError:
         return False
 
 
@@ -168,9 +183,7 @@ def bias_top_rows(store: Store, layer: str, usable: np.ndarray, k: int) -> tuple
 
 
 def previous_state(previous: str) -> dict:
-    prev = Store(previous, mode="r")
-    if not prev.has("audit") or "findings" not in prev.attrs("audit"):
-        raise InputError(f"--previous: store {previous} holds no audit")
+    prev = previous_audit(previous)
     manifest = prev.read_manifest()
     usable = manifest["status"].to_numpy() == "ok"
     unit = audit.unit_rows(prev.read("features/fc7"))

@@ -11,6 +11,7 @@ from its markers.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Container
 from math import ceil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from engine.catalog import activation_shapes, model_receptive_fields, patch_size
 from engine.errors import InputError
 from engine.files import dataset_file
-from engine.images import label_index
+from engine.images import label_index, list_images
 from engine.models import cached_model
 from engine.topk import STATE_FORMAT, ChannelStats
 from flows.common import (RunOptions, Shard, map_shards, plan_shards, record_failures, record_job, resolve_paths,
@@ -187,11 +188,25 @@ def activation_map_rows(manifest, chosen: int | list[str]) -> list[int]:
     if isinstance(chosen, int):
         return [int(i) for i in usable[:max(0, chosen)]]
     row_of = {str(p): i for i, p in zip(manifest.index, manifest["path"])}
-    unknown = [p for p in chosen if p not in row_of]
+    check_in_dataset(chosen, row_of)
+    return [int(row_of[p]) for p in dict.fromkeys(chosen)]
+
+
+def check_in_dataset(chosen: list[str], dataset: Container[str]) -> None:
+    """Every `--activation-images` path is one of the dataset's (as the manifest names them)."""
+    unknown = [p for p in chosen if p not in dataset]
     if unknown:
         raise InputError(f"--activation-images: not in the dataset: {', '.join(unknown[:3])}"
                          f"{' ...' if len(unknown) > 3 else ''} (give paths relative to --data)")
-    return [int(row_of[p]) for p in dict.fromkeys(chosen)]
+
+
+def check_activation_images(opts: RunOptions, chosen: int | list[str]) -> None:
+    """Before the flow: every path given is in the dataset, told from a listing of the data
+    folder (the files the scan will list) without hashing them all first."""
+    if isinstance(chosen, int):
+        return
+    opts = resolve_paths(opts, JOB)  # the scan leaves out the store and report
+    check_in_dataset(chosen, {e.path for e in list_images(opts.data, (opts.store, opts.report), opts.limit)})
 
 
 def run_featvis(opts: RunOptions, store: Store, layers: list[str], n: int, attrs: dict) -> dict:

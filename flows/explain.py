@@ -37,12 +37,13 @@ MAP_CHUNK_ROWS = 16  # rows per zarr chunk of a map array (a divisor of the shar
 
 
 def check_methods(opts: RunOptions, methods: list[str], segment_with: str | None) -> None:
-    """Fail before any work when a method cannot run on this model."""
+    """Fail before any work when a method cannot run on this model, or masks would be seeded
+    by a method not run (`auto` always names one). The CLI calls it before the flow starts."""
     model = cached_model(opts.model, opts.weights, opts.device)
     if "cam" in methods and not attribution.is_gap_net(model):
         raise InputError(f"cam needs a net that ends in global average pooling + one linear layer; "
                          f"{opts.model} does not (use gradcam)")
-    if segment_with is not None and segment_with not in methods:
+    if segment_with not in (None, "auto") and segment_with not in methods:
         raise InputError(f"--segment-with {segment_with} is not one of the methods run ({', '.join(methods)})")
 
 

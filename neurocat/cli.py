@@ -198,6 +198,8 @@ def check_options(args) -> None:
     data = getattr(args, "data", None)
     if data is not None and not os.path.isdir(data):
         raise InputError(f"data folder not found: {data}")
+    if data is not None and not os.access(data, os.R_OK | os.X_OK):
+        raise InputError(f"data folder cannot be listed: {data} (permission denied)")
     weights = getattr(args, "weights", None)
     if weights and not os.path.isfile(weights):
         raise InputError(f"weights file not found: {weights}")

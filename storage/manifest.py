@@ -22,6 +22,9 @@ def _probe(root: Path, entry: Entry, known: dict[tuple, str]) -> dict:
     full = Path(dataset_file(root, entry.path))
     row = {"path": entry.path, "label": entry.label, "split": entry.split,
            "sha256": None, "status": "ok", "reason": None}
+    if entry.reason:  # a folder that could not be listed
+        row.update(status="skipped", reason=entry.reason)
+        return row
     try:
         st = full.stat()
         version = dict(zip(VERSION_COLUMNS, file_version(st)))
@@ -50,9 +53,7 @@ def build_manifest(root: str | os.PathLike, previous: pd.DataFrame | None = None
     """List, hash and header-check every file under `root` but the `exclude` folders; reuse
     hashes of unchanged files."""
     root = Path(root)
-    entries = list_images(root, exclude)
-    if limit is not None:
-        entries = entries[:limit]
+    entries = list_images(root, exclude, limit)
     known = {}
     if previous is not None and len(previous) and set(VERSION_COLUMNS) <= set(previous):
         known = {(p, *version): h for p, h, *version in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -50,6 +51,36 @@ def model():
     from engine.models import cached_model
 
     return cached_model("efficientnet_lite0")
+
+
+@pytest.fixture
+def unlistable(monkeypatch):
+    """Makes folders that cannot be listed: chmod 000. Root lists them anyway (tests may run
+    as root), so then os.scandir (what os.walk lists with) and os.access fail for exactly
+    those folders with the error a user without permission gets. Permissions come back after."""
+    folders: list[Path] = []
+
+    def make(folder: Path) -> None:
+        folder.chmod(0)
+        folders.append(folder)
+        if os.geteuid() != 0:
+            return
+        target, scandir, access = os.path.realpath(folder), os.scandir, os.access
+
+        def is_target(path) -> bool:
+            return isinstance(path, (str, os.PathLike)) and os.path.realpath(path) == target
+
+        def denied_scandir(path="."):
+            if is_target(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return scandir(path)
+
+        monkeypatch.setattr(os, "scandir", denied_scandir)
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: not is_target(path) and access(path, mode, **kw))
+
+    yield make
+    for folder in reversed(folders):  # a folder inside another comes back after it
+        folder.chmod(0o755)
 
 
 def cli_env(api_url: str) -> dict:

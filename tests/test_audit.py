@@ -11,6 +11,7 @@ import json
 import math
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 from scipy.stats import false_discovery_control, hypergeom
 
+from conftest import neurocat_cmd
 from engine import audit
 from flows.audit import AuditGateFailed, AuditSettings, apply_metadata_split, audit_flow, run_audit
 from flows.common import RunOptions
@@ -420,6 +422,22 @@ def test_bad_metadata_is_one_line_exit_2(shared_images, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no `path` column" in err and "Traceback" not in err
     assert main(["audit", "--data", str(shared_images), "--fail-on", "typos"]) == 2
+
+
+def test_a_bad_previous_store_is_refused_before_the_flow(demo_data, tmp_path):
+    """`--previous` naming no store, or a store without an audit, was found out inside the
+    flow, so Prefect printed the flow's traceback before the one-line error: now it is
+    checked before the flow starts."""
+    Store(str(tmp_path / "no_audit.zarr"))
+    cases = {str(tmp_path / "missing.zarr"): f"no neurocat store at {tmp_path / 'missing.zarr'}",
+             str(tmp_path / "no_audit.zarr"): f"store {tmp_path / 'no_audit.zarr'} holds no audit"}
+    for previous, reason in cases.items():
+        out = subprocess.run(neurocat_cmd() + ["audit", "--data", str(demo_data), "--store", str(tmp_path / "a.zarr"),
+                                               "--limit", "4", "--previous", previous],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert out.stderr == f"neurocat: error: --previous: {reason}\n"
+    assert not (tmp_path / "a.zarr").exists()
 
 
 def test_dhash_is_robust_to_rescale_and_not_to_other_images(shared_images):

@@ -22,7 +22,7 @@ from engine.inference import run_layers, run_model
 from engine.receptive_field import RF, receptive_fields
 from engine.truncate import UptoModel, upto_module
 from flows.catalog import (ACTIVATION_IMAGES, BLOCK_BYTES, FEATVIS_JOB, JOB, UNIT_CHUNK, activation_map_rows,
-                           catalog_flow, channel_blocks, unit_output_bytes)
+                           catalog_flow, channel_blocks, check_activation_images, unit_output_bytes)
 from flows.common import RunOptions
 from storage.store import Store
 
@@ -233,6 +233,29 @@ def test_cli_rejects_bad_layers_and_k(tmp_path, shared_images):
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_activation_images_not_in_the_dataset_are_refused_before_the_flow(tmp_path, demo_data):
+    """`--activation-images` paths that are not in the dataset were found out inside the flow,
+    after the scan had hashed every file, so Prefect printed the flow's traceback before the
+    one-line error: now a listing of the data folder tells before the flow starts."""
+    first = list_images(demo_data)[0].path
+    store = tmp_path / "c.zarr"
+    out = subprocess.run(neurocat_cmd() + ["catalog", "--data", str(demo_data), "--store", str(store), "--limit", "2",
+                                           "--activation-images", f"{first},n01440764/no_such.jpg"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr == ("neurocat: error: --activation-images: not in the dataset: n01440764/no_such.jpg "
+                          "(give paths relative to --data)\n")
+    assert not store.exists()
+
+
+def test_activation_images_are_checked_against_the_files_the_scan_lists(demo_data):
+    """The check before the flow sees the paths as the manifest names them, --limit applied."""
+    first, second = [e.path for e in list_images(demo_data)[:2]]
+    check_activation_images(RunOptions(data=str(demo_data), limit=2), [second, first])
+    with pytest.raises(InputError, match=f"not in the dataset: {second}"):
+        check_activation_images(RunOptions(data=str(demo_data), limit=1), [second])
 
 
 def test_activation_maps_equal_the_hooked_layer_output(catalog, brute):

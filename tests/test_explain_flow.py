@@ -84,3 +84,15 @@ def test_cli_rejects_bad_methods_and_targets(tmp_path, demo_data):
     assert out.returncode == 2 and "--occlusion-baseline: not a finite number: 'inf'" in out.stderr, out.stderr
     assert out.stderr.strip().count("\n") == 0, out.stderr
 
+
+def test_cli_rejects_a_segmenting_method_not_run_before_the_flow(tmp_path, demo_data):
+    """`--segment-with` naming a method not run was checked inside the flow, so Prefect printed
+    the flow's traceback (and a store was made) before the one-line error: now it is checked
+    before the flow starts, as the other bad options are."""
+    store = tmp_path / "e.zarr"
+    out = subprocess.run(neurocat_cmd() + ["explain", "--data", str(demo_data), "--store", str(store), "--limit", "2",
+                                           "--methods", "saliency", "--segment-with", "gradcam"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr == "neurocat: error: --segment-with gradcam is not one of the methods run (saliency)\n"
+    assert not store.exists()

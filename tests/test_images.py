@@ -1,5 +1,7 @@
 """Decoding: every awkward input is either converted or skipped with a reason."""
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -7,9 +9,11 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from badfiles import make_bad_folder, png_header_only
+from engine.errors import InputError
 from engine.files import dataset_file
 from engine.images import DecodedBatches, ImageError, iter_batches, list_images, load_preprocessed, open_image
 from engine.models import Preprocessing
+from neurocat.cli import check_options
 from storage.manifest import build_manifest
 
 TENCH = "n01440764/n01440764_tench.JPEG"
@@ -119,6 +123,30 @@ def test_listing_is_recursive_and_labels_folders(tmp_path, shared_images):
     assert entries["train/n01440764/a.jpg"].label == "n01440764" and entries["train/n01440764/a.jpg"].split == "train"
     assert entries["flat.jpg"].label is None
     assert entries["n02/sub/c.jpg"].label == "sub"
+
+
+def test_a_folder_that_cannot_be_listed_is_a_skipped_row_not_a_gap(tmp_path, shared_images, unlistable):
+    """A class folder without read permission vanished from the listing, its files neither
+    used nor mentioned: now it is one manifest row, the folder's path with the label and
+    split its files would have, skipped with the reason. An unlistable data folder is a
+    one-line error (it was an empty dataset). As root, the `unlistable` fixture fakes the
+    permission error, since chmod 000 does not stop root."""
+    data = tmp_path / "data"
+    for rel in ["train/n01440764/a.jpg", "train/n01443537/b.jpg", "n01484850/c.jpg"]:
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes((shared_images / TENCH).read_bytes())
+    unlistable(data / "train" / "n01443537")
+    unlistable(data / "n01484850")
+    manifest = build_manifest(data)
+    assert manifest[["path", "label", "split", "status", "reason"]].fillna("-").values.tolist() == [
+        ["n01484850", "n01484850", "-", "skipped", "unreadable folder: Permission denied"],
+        ["train/n01440764/a.jpg", "n01440764", "train", "ok", "-"],
+        ["train/n01443537", "n01443537", "train", "skipped", "unreadable folder: Permission denied"]]
+    unlistable(data)
+    with pytest.raises(InputError, match="data folder cannot be listed"):
+        list_images(data)
+    with pytest.raises(InputError, match="data folder cannot be listed"):
+        check_options(argparse.Namespace(data=str(data)))
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])

@@ -80,6 +80,27 @@ def test_a_store_and_report_inside_the_data_folder_are_no_images(prefect_api, sh
     assert (data / "runs" / "r-report" / "index.html").exists()
 
 
+def test_a_folder_that_cannot_be_listed_is_reported_skipped(prefect_api, shared_images, tmp_path, unlistable):
+    """A class folder without permission (chmod 000; faked for root by the `unlistable`
+    fixture, since root reads it anyway) was missing from the manifest and the report, its
+    files neither predicted nor mentioned: now a skipped row, path = the folder, shown with
+    its reason among the report's skipped inputs; the readable folders are predicted as before."""
+    import shutil
+
+    data = tmp_path / "data"
+    for folder in ("n01440764", "n01494475", "n01514859"):
+        (data / folder).mkdir(parents=True)
+        shutil.copy(next((shared_images / folder).iterdir()), data / folder / "a.jpg")
+    unlistable(data / "n01494475")
+    result = predict_flow(RunOptions(data=str(data), store=str(tmp_path / "s.zarr")))
+    manifest = Store(result["store"]).read_manifest().set_index("path")
+    assert manifest.loc["n01494475", ["label", "status", "reason"]].tolist() == [
+        "n01494475", "skipped", "unreadable folder: Permission denied"]
+    assert pd.read_csv(result["predictions"])["path"].tolist() == ["n01440764/a.jpg", "n01514859/a.jpg"]
+    html = (tmp_path / "s-report" / "index.html").read_text()
+    assert '<td class="path">n01494475</td><td>unreadable folder: Permission denied</td>' in html
+
+
 def test_cli_errors_are_one_line_exit_2(tmp_path, shared_images):
     cases = [
         ["predict", "--data", str(tmp_path / "missing")],

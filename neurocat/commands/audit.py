@@ -25,11 +25,13 @@ def run(args) -> dict:
     from engine.audit import read_metadata
     from engine.errors import InputError
     from engine.models import cached_model
-    from flows.audit import AuditGateFailed, AuditSettings, audit_flow, parse_fail_on
+    from flows.audit import LATEST, AuditGateFailed, AuditSettings, audit_flow, parse_fail_on, previous_audit
     from neurocat.cli import _print_result
 
     if args.metadata:
         read_metadata(args.metadata)  # a bad file is a one-line error before any flow starts
+    if args.previous and args.previous != LATEST:
+        previous_audit(args.previous)  # so is a missing store, or one without an audit
     fail_on = parse_fail_on(args.fail_on)
     layers = [x.strip() for x in args.bias_layers.split(",") if x.strip()]
     if args.top_k < 1 or args.context_per_class < 0:

@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     from engine.errors import InputError
     from engine.models import cached_model
-    from flows.catalog import catalog_flow
+    from flows.catalog import catalog_flow, check_activation_images
 
     layers = [x.strip() for x in args.layers.split(",") if x.strip()]
     if not layers:
@@ -38,6 +38,7 @@ def run(args) -> dict:
     model = cached_model(args.model, args.weights, args.device)
     for layer in layers:
         model.resolve(layer)  # a clear error before any flow starts
+    check_activation_images(opts, activation_images)
     result = with_runner(catalog_flow, opts)(opts, layers, args.top_k, args.bottom_k, args.featvis,
                                               args.projections, args.projection_rule, activation_images)
     return {k: result[k] for k in ("store", "report", "atlas", "layers", "featvis")}

@@ -70,7 +70,7 @@ def method_params(args) -> dict:
 def run(args) -> dict:
     from engine.attribution import check_ig_rule, occluder_masks, parse_methods, parse_target
     from engine.models import load_model
-    from flows.explain import explain_flow
+    from flows.explain import check_methods, explain_flow
 
     methods = parse_methods(args.methods)
     target = parse_target(args.target)
@@ -84,5 +84,6 @@ def run(args) -> dict:
     if args.layer:
         model.resolve(args.layer)  # a clear error for a bad layer name
     segment_with = None if args.segment_with == "none" else args.segment_with
+    check_methods(opts, methods, segment_with)
     return with_runner(explain_flow, opts)(opts, methods, target, params, args.faithfulness_steps, segment_with,
                                            args.max_images)
