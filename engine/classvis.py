@@ -128,7 +128,8 @@ def invert_features(model: LoadedModel, image: np.ndarray, opts: InvertOptions =
     g = torch.Generator().manual_seed(opts.seed)
     param = PixelParam(shape=ref.shape, noise=0.05, generator=g)
     objective = obj.feature_match(layer, target) + opts.tv_weight * obj.tv(opts.tv_beta)
-    transform = compose([pad(opts.jitter), jitter(opts.jitter + 1)]) if opts.jitter else None
+    # shifts of up to +-jitter that keep the size: a spatial layer's map must stay the target's shape
+    transform = compose([pad(opts.jitter), jitter(2 * opts.jitter + 1)]) if opts.jitter else None
     result = render(model, objective, param, opts.steps, lr=opts.lr, optimizer="adam", transform=transform,
                     generator=g, smooth=opts.smooth, record=record)
     result.settings = {**opts.to_dict(), "layer": layer}

@@ -194,6 +194,18 @@ def test_every_loop_improves_a_lot_and_is_reproducible(model, photo, other_photo
     np.testing.assert_array_equal(first.images, again.images)
 
 
+@pytest.mark.parametrize("layer, size", [("_blocks.2", 64), ("_blocks.8", 236)])
+def test_inversion_of_a_spatial_layer_jitters_without_changing_its_shape(model, photo, layer, size):
+    """The default jitter (4 px) padded by 4 and cropped by 4: the rendered image was 4 px
+    larger than the target's, so a spatial layer's map could have another shape (stride 4:
+    always, 17 x 17 against 16 x 16 at 64 px; stride 16 at 236 px: 15 x 15 against 14 x 14)
+    and `render invert --layer _blocks.2` crashed."""
+    from engine.classvis import InvertOptions, invert_features
+
+    result = invert_features(model, _uint8(photo), InvertOptions(layer=layer, size=size, steps=3))
+    assert result.image.shape == (size, size, 3) and np.isfinite(result.losses).all()
+
+
 def test_fast_style_trains_and_keeps_odd_input_sizes(model, photo, other_photo):
     from engine.fast_style import FastStyleOptions, TransformNet, apply_fast_style, train_fast_style
 

@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from engine.errors import InputError
 from engine.style import STYLE_LAYERS
 from tests.conftest import cli_env, neurocat_cmd
 
@@ -207,6 +208,25 @@ def test_output_options_count_before_or_after_the_kind(argv, json_out, verbose):
     parser, _ = build_parser()
     args = parser.parse_args(argv)
     assert (args.json, args.verbose) == (json_out, verbose)
+
+
+def test_invert_compares_depths_given_a_list_of_layers(model, images):
+    """The notes' "effect of layer depth": `--layer` takes a comma list, one inversion per
+    image and layer, named after both; an unknown layer in the list is refused before any work."""
+    from neurocat.cli import build_parser
+    from neurocat.commands.render import plan
+
+    parser, _ = build_parser()
+    jobs, _ = plan(parser.parse_args(["render", "invert", *images, "--layer", "_blocks.2, fc7", "--steps", "5"]),
+                   model)
+    assert [(j["name"], j["params"]["layer"], j["inputs"]) for j in jobs] == [
+        ("n02112137_chow-_blocks.2", "_blocks.2", images[:1]), ("n02112137_chow-fc7", "fc7", images[:1]),
+        ("n02391049_zebra-_blocks.2", "_blocks.2", images[1:]), ("n02391049_zebra-fc7", "fc7", images[1:])]
+    assert all(j["params"]["steps"] == 5 for j in jobs)
+    single, _ = plan(parser.parse_args(["render", "invert", images[0]]), model)
+    assert [(j["name"], j["params"]["layer"]) for j in single] == [("n02112137_chow", "fc7")]
+    with pytest.raises(InputError, match="nope"):
+        plan(parser.parse_args(["render", "invert", images[0], "--layer", "fc7,nope"]), model)
 
 
 @pytest.mark.slow

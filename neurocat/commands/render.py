@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 
 from engine.errors import InputError
@@ -119,7 +120,7 @@ def add_arguments(p) -> None:
 
     sp = sub.add_parser("invert", help="feature inversion: an image with the same embedding")
     _common(sp, 224, 200, True)
-    sp.add_argument("--layer", default="fc7")
+    sp.add_argument("--layer", default="fc7", help="layer to invert, or a comma list to compare depths (default fc7)")
     sp.add_argument("--tv-weight", type=finite_float, default=5.0)
     sp.add_argument("--tv-beta", type=finite_float, default=2.0)
 
@@ -144,13 +145,18 @@ def add_arguments(p) -> None:
 
 def input_files(args) -> list[str]:
     """Image paths from the positional arguments (files or folders) or --data, --limit applied."""
+    from engine.files import dataset_file
     from engine.images import list_images
 
     paths = []
     for p in list(args.images or []) or ([args.data] if args.data else []):
         path = Path(p)
         if path.is_dir():
-            paths += [str(path / e.path) for e in list_images(path)]
+            for e in list_images(path):
+                if e.reason:
+                    print(f"neurocat: skipping {path / e.path}: {e.reason}", file=sys.stderr)
+                else:
+                    paths.append(dataset_file(path, e.path))
         elif path.is_file():
             paths.append(str(path))
         else:
@@ -162,8 +168,6 @@ def input_files(args) -> list[str]:
 
 def _usable(paths: list[str]) -> list[str]:
     """Drop files that cannot be decoded (said on stderr) so one bad file does not fail a grid."""
-    import sys
-
     from engine.images import ImageError, open_image
 
     ok = []
@@ -243,9 +247,11 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
         p = _kw(args, size=args.size, layer=model.resolve(args.layer), channel=args.channel, octaves=args.octaves,
                 octave_scale=args.octave_scale, jitter=args.jitter, tile=args.tile, overlap=args.overlap)
         return [{"name": _stem(i), "params": p, "inputs": [i]} for i in images], None
-    if args.kind == "invert":
-        p = _kw(args, size=args.size, layer=args.layer, tv_weight=args.tv_weight, tv_beta=args.tv_beta)
-        return [{"name": _stem(i), "params": p, "inputs": [i]} for i in images], None
+    if args.kind == "invert":  # a comma list of layers: the notes' comparison of depths, one render each
+        layers = [name.strip() for name in args.layer.split(",") if name.strip()]
+        return [{"name": _stem(i) + (f"-{layer}" if len(layers) > 1 else ""),
+                 "params": _kw(args, size=args.size, layer=layer, tv_weight=args.tv_weight, tv_beta=args.tv_beta),
+                 "inputs": [i]} for i in images for layer in layers], None
     if args.kind == "texture":
         p = _kw(args, size=args.size, optimizer=args.optimizer, record=record,
                 layers=args.layers.split(",") if args.layers else None)
