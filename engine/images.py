@@ -11,6 +11,7 @@ model's input size are decoded at a reduced scale (`Preprocessing.jpeg_draft`).
 from __future__ import annotations
 
 import hashlib
+import stat
 import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,18 @@ def _label_and_split(rel_dir: Path) -> tuple[str | None, str | None]:
     return (manifest_name(label_parts[-1]) if label_parts else None), split
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why a listed name cannot be read as a file (None: it can): a link to nothing, a name in a
+    folder that may be listed but not entered, a pipe or device (reading a pipe would block)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "broken symbolic link" if path.is_symlink() else "vanished while listed"
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    return None if stat.S_ISREG(st.st_mode) else "not a regular file (a pipe, socket or device)"
+
+
 def list_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = (),
                 limit: int | None = None) -> list[Entry]:
     """Every regular file under `root`, sorted by relative path (the image index order); the
@@ -75,26 +88,32 @@ def list_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
 
     ImageFolder layout: the label is the name of the file's folder; a `train/`, `val/` or
     `test/` folder directly under the root names the split. Files directly in the root
-    have no label. Hidden files and folders (starting with '.') are not part of a dataset,
+    have no label. Linked folders are followed (each real folder once). Hidden files and
+    folders (starting with '.') are not part of a dataset,
     nor are the folders in `exclude` (the run's own store and report, when they lie inside).
     A folder that cannot be listed (no permission) is an entry too, with the reason, so that
     its files are reported missing rather than silently absent; the root is an InputError.
+    So is a name that is no readable file (`_not_a_file`).
     """
     root = Path(root)
     skip = {os.path.realpath(p) for p in exclude}
     entries, unlisted = [], []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and os.path.realpath(os.path.join(dirpath, d)) not in skip)
+    seen = {os.path.realpath(root)}  # folders entered: a linked folder is followed once, a link loop not at all
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=True):
+        kept = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in skip and real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirnames[:] = kept
         rel_dir = Path(dirpath).relative_to(root)
         label, split = _label_and_split(rel_dir)
         for name in filenames:
             if name.startswith("."):
                 continue
-            full = Path(dirpath) / name
-            if not full.is_file():
-                continue
-            entries.append(Entry(manifest_name((rel_dir / name).as_posix()), label, split))
+            entries.append(Entry(manifest_name((rel_dir / name).as_posix()), label, split,
+                                 reason=_not_a_file(Path(dirpath) / name)))
     for error in unlisted:
         rel_dir = Path(error.filename).relative_to(root)
         if rel_dir == Path():

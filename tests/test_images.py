@@ -1,6 +1,7 @@
 """Decoding: every awkward input is either converted or skipped with a reason."""
 
 import argparse
+import os
 
 import numpy as np
 import pytest
@@ -147,6 +148,29 @@ def test_a_folder_that_cannot_be_listed_is_a_skipped_row_not_a_gap(tmp_path, sha
         list_images(data)
     with pytest.raises(InputError, match="data folder cannot be listed"):
         check_options(argparse.Namespace(data=str(data)))
+
+
+def test_linked_folders_are_followed_once_and_dead_links_and_pipes_are_skipped_rows(tmp_path, shared_images):
+    """A class folder that is a symbolic link (a dataset assembled from shared storage) was
+    not entered: its images were silently absent. Now it is followed, once per real folder
+    (a link loop does not recurse); a link to nothing and a named pipe, dropped silently
+    before, are skipped rows with their reason (a pipe is never opened: reading it blocks)."""
+    store = tmp_path / "elsewhere" / "n01443537"
+    store.mkdir(parents=True)
+    (store / "b.jpg").write_bytes((shared_images / TENCH).read_bytes())
+    data = tmp_path / "data"
+    (data / "n01440764").mkdir(parents=True)
+    (data / "n01440764" / "a.jpg").write_bytes((shared_images / TENCH).read_bytes())
+    (data / "n01443537").symlink_to(store)
+    (data / "n01440764" / "loop").symlink_to(data)  # back to the root: not a second copy of it
+    (data / "n01440764" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(data / "n01440764" / "pipe.jpg")
+    manifest = build_manifest(data)
+    assert manifest[["path", "label", "status", "reason"]].fillna("-").values.tolist() == [
+        ["n01440764/a.jpg", "n01440764", "ok", "-"],
+        ["n01440764/gone.jpg", "n01440764", "skipped", "broken symbolic link"],
+        ["n01440764/pipe.jpg", "n01440764", "skipped", "not a regular file (a pipe, socket or device)"],
+        ["n01443537/b.jpg", "n01443537", "ok", "-"]]
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])

@@ -32,7 +32,7 @@ def run(args) -> dict:
         raise InputError(f"unknown device {args.gpu!r}; known: {', '.join(DEVICES)}")
     if args.workers < 1:
         raise InputError("--workers must be positive")
-    entries = list_images(args.data)
+    entries = [e for e in list_images(args.data) if e.reason is None]
     model = load_model(args.model, args.weights, require_weights=False)
     cal = calibrate(model, [dataset_file(args.data, e.path) for e in entries])
     classes = len({e.label for e in entries}) or 1  # unlabelled images are one group, as the audit sees them
