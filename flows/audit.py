@@ -23,6 +23,7 @@ from engine import audit
 from engine.classes import imagenet_classes
 from engine.errors import InputError
 from engine.files import dataset_file
+from engine.models import LoadedModel, cached_model
 from flows.common import (RunOptions, map_shards, model_provenance, plan_shards, record_failures, record_job,
                           resolve_paths, shard_fingerprint, shard_items, stage)
 from flows.features import run_features
@@ -74,33 +75,41 @@ def parse_fail_on(fail_on) -> list[str]:
 LATEST = "latest"  # --previous: the newest other audit store beside this one
 
 
-def previous_audit(path: str) -> Store:
-    """The store of an earlier audit, read-only, or an InputError saying why `path` is none.
-    The CLI calls it on `--previous` before the flow starts."""
+def previous_audit(path: str, model: LoadedModel) -> Store:
+    """The store of an earlier audit of `model`, read-only, or an InputError saying why `path`
+    is none. Drift compares fc7 features, so another model's or weights' audit is none (it
+    failed at the end of the audit on the shapes, or compared unrelated numbers). The CLI
+    calls it on `--previous` before the flow starts."""
     try:
         store = Store(path, mode="r")
     except FileNotFoundError:
         raise InputError(f"--previous: no neurocat store at {path}") from None
     except (ValueError, KeyError) as e:  # zarr's words for a store it cannot read
         raise InputError(f"--previous: {path} is not a readable neurocat store ({e})") from None
-    if not store.has("audit") or "findings" not in store.attrs("audit"):
+    if not store.has("audit") or "findings" not in store.attrs("audit") or not store.has("features/fc7"):
         raise InputError(f"--previous: store {path} holds no audit")
+    then, now = store.attrs("features/fc7"), model.describe()
+    if (then.get("model"), then.get("weights_sha256")) != (now["model"], now["weights_sha256"]):
+        raise InputError(f"--previous: store {path} was audited with {then.get('model')} (weights "
+                         f"{then.get('weights')}), this audit uses {now['model']} (weights {now['weights']}): "
+                         "drift compares the features of one model")
     return store
 
 
-def resolve_previous(previous: str | None, current: str) -> str | None:
-    """The previous audit's store; `latest` = the newest other store beside this one with an audit."""
+def resolve_previous(previous: str | None, current: str, model: LoadedModel) -> str | None:
+    """The previous audit's store; `latest` = the newest other store beside this one with an
+    audit of the same model."""
     if previous != LATEST:
         return previous
     here = Path(current).resolve()
     candidates = sorted((p for p in here.parent.glob("*.zarr") if p.resolve() != here and
-                         (p / "manifest.parquet").exists() and _has_findings(p)), key=lambda p: p.stat().st_mtime)
+                         (p / "manifest.parquet").exists() and _audit_of(p, model)), key=lambda p: p.stat().st_mtime)
     return str(candidates[-1]) if candidates else None
 
 
-def _has_findings(path: Path) -> bool:
+def _audit_of(path: Path, model: LoadedModel) -> bool:
     try:
-        previous_audit(str(path))
+        previous_audit(str(path), model)
         return True
     except InputError:
         return False
@@ -182,8 +191,8 @@ def bias_top_rows(store: Store, layer: str, usable: np.ndarray, k: int) -> tuple
     return audit.top_k_rows(store.read(f"features/{layer}"), np.flatnonzero(usable), k), "pooled features (mean)"
 
 
-def previous_state(previous: str) -> dict:
-    prev = previous_audit(previous)
+def previous_state(previous: str, model: LoadedModel) -> dict:
+    prev = previous_audit(previous, model)
     manifest = prev.read_manifest()
     usable = manifest["status"].to_numpy() == "ok"
     unit = audit.unit_rows(prev.read("features/fc7"))
@@ -321,8 +330,9 @@ def run_audit(opts: RunOptions, store: Store, metadata: str | None = None, previ
     settings = settings or AuditSettings()
     gates = parse_fail_on(fail_on)
     meta = audit.read_metadata(metadata) if metadata else None
-    previous = resolve_previous(previous, opts.store)
-    prev = previous_state(previous) if previous else None
+    model = cached_model(opts.model, opts.weights, opts.device)
+    previous = resolve_previous(previous, opts.store, model)
+    prev = previous_state(previous, model) if previous else None
     run_features(opts, store, layers=tuple(dict.fromkeys(["fc7", *settings.bias_layers])))
     manifest = store.read_manifest()
     usable = manifest["status"].to_numpy() == "ok"

@@ -424,13 +424,23 @@ def test_bad_metadata_is_one_line_exit_2(shared_images, tmp_path, capsys):
     assert main(["audit", "--data", str(shared_images), "--fail-on", "typos"]) == 2
 
 
-def test_a_bad_previous_store_is_refused_before_the_flow(demo_data, tmp_path):
+def test_a_bad_previous_store_is_refused_before_the_flow(first_audit, demo_data, tmp_path):
     """`--previous` naming no store, or a store without an audit, was found out inside the
     flow, so Prefect printed the flow's traceback before the one-line error: now it is
-    checked before the flow starts."""
+    checked before the flow starts. So is an audit made with other weights (it was taken:
+    the drift's class-centroid comparison failed on the shapes after the whole audit, or
+    compared unrelated features); its weights hash stands for another model's here."""
+    import shutil
+
     Store(str(tmp_path / "no_audit.zarr"))
+    other = tmp_path / "other_weights.zarr"
+    shutil.copytree(first_audit["result"]["store"], other)
+    Store(str(other)).update_attrs("features/fc7", weights="tuned.pth", weights_sha256="0" * 64)
     cases = {str(tmp_path / "missing.zarr"): f"no neurocat store at {tmp_path / 'missing.zarr'}",
-             str(tmp_path / "no_audit.zarr"): f"store {tmp_path / 'no_audit.zarr'} holds no audit"}
+             str(tmp_path / "no_audit.zarr"): f"store {tmp_path / 'no_audit.zarr'} holds no audit",
+             str(other): f"store {other} was audited with efficientnet_lite0 (weights tuned.pth), this audit uses "
+                         "efficientnet_lite0 (weights efficientnet-lite0-57934424.pth): drift compares the features "
+                         "of one model"}
     for previous, reason in cases.items():
         out = subprocess.run(neurocat_cmd() + ["audit", "--data", str(demo_data), "--store", str(tmp_path / "a.zarr"),
                                                "--limit", "4", "--previous", previous],

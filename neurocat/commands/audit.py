@@ -30,14 +30,14 @@ def run(args) -> dict:
 
     if args.metadata:
         read_metadata(args.metadata)  # a bad file is a one-line error before any flow starts
-    if args.previous and args.previous != LATEST:
-        previous_audit(args.previous)  # so is a missing store, or one without an audit
     fail_on = parse_fail_on(args.fail_on)
     layers = [x.strip() for x in args.bias_layers.split(",") if x.strip()]
     if args.top_k < 1 or args.context_per_class < 0:
         raise InputError("--top-k must be positive and --context-per-class not negative")
     opts = run_options(args)
     model = cached_model(args.model, args.weights, args.device)
+    if args.previous and args.previous != LATEST:
+        previous_audit(args.previous, model)  # so is a missing store, one without an audit, or another model's
     for layer in layers:
         model.resolve(layer)
     settings = AuditSettings(bias_layers=layers, top_k=args.top_k, context_per_class=args.context_per_class)
