@@ -170,17 +170,19 @@ def finite_float(text: str) -> float:
 def add_common_options(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--data", required=data_required, help="image folder (ImageFolder layout or flat)")
-    g.add_argument("--model", default="efficientnet_lite0", help="registered model name")
+    g.add_argument("--model", default="efficientnet_lite0",
+                   help="efficientnet_lite0 (default, weights shipped), or a torchvision ResNet, VGG or AlexNet "
+                        "name with --weights; an unknown name lists them all")
     g.add_argument("--weights", help="local state_dict file (torch.load weights_only=True)")
     g.add_argument("--store", help="zarr store path (default runs/<run-id>.zarr)")
     g.add_argument("--report", help="report folder (default <store>-report)")
-    g.add_argument("--runner", default="threads", help="threads | dask | dask-cuda | tcp://host:port")
+    g.add_argument("--runner", default="threads", help="threads (default) | dask | dask-cuda | tcp://host:port")
     g.add_argument("--cluster", help="cluster profile YAML (address or cluster_class; overrides --runner)")
     g.add_argument("--workers", type=int, help="Dask workers for --runner dask (default 1)")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--shard-size", type=int, default=256, help="images per shard task")
+    g.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    g.add_argument("--shard-size", type=int, default=256, help="images per shard task (default 256)")
     g.add_argument("--limit", type=int, help="use only the first N files")
-    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default cpu)")
 
 
 def check_folder(path: str | None, option: str) -> None:
