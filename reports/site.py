@@ -40,6 +40,10 @@ What a builder can use on `site` (all paths are relative to the report folder, '
     {% from "_macros.html" import thumb %}{{ thumb(root, rel, alt, size) }}
                                        an <img loading="lazy"> with width/height set (rel None:
                                        a placeholder)
+    <table>                            scrolls inside its own box when wider than the screen;
+                                       <table class="rows"> (a list, one item per row, a thumbnail
+                                       in its td.t) turns into one card per row on a phone, each
+                                       cell labelled with its column's heading (`fit_tables`)
 
 Pages are plain HTML + one stylesheet, no script and no external URL: the folder opens
 from file:// and from any static web server. Long lists are paged and thumbnails are
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import importlib
 import importlib.metadata
 import io
@@ -199,6 +204,40 @@ def as_written(value: Any) -> Any:
     return value
 
 
+TABLE = re.compile(r"<table\b[^>]*>.*?</table>", re.S)
+CARD_TABLE = re.compile(r'<table\b[^>]*\bclass="(?:[^"]* )?rows[ "]')
+HEADING = re.compile(r"<th\b[^>]*>(.*?)</th>", re.S)
+ROW = re.compile(r"<tr\b[^>]*>.*?</tr>", re.S)
+TAG = re.compile(r"<[^>]*>")
+
+
+def fit_tables(page: str) -> str:
+    """Every table of a rendered page inside a `div.table-scroll`, so a table wider than the
+    screen scrolls inside it and the page does not; in a `table.rows`, which a narrow screen
+    shows as one card per row with its heading row hidden (style.css), every body cell gets its
+    column's heading as `data-label`. Here once rather than in every template. A literal tag
+    in a page comes from a template alone: autoescape turns every `<` of a value into `&lt;`."""
+    return TABLE.sub(lambda m: f'<div class="table-scroll">{_label_cells(m.group(0))}</div>', page)
+
+
+def _label_cells(table: str) -> str:
+    if not CARD_TABLE.match(table):
+        return table
+    head, end, body = table.partition("</thead>")
+    labels = [markupsafe.escape(html.unescape(" ".join(TAG.sub("", h).split()))) for h in HEADING.findall(head)]
+
+    def label_row(row: re.Match) -> str:
+        column = iter(labels)
+
+        def label(td: re.Match) -> str:
+            heading = next(column, "")
+            return f'<td data-label="{heading}"' if heading else td.group(0)
+
+        return re.sub(r"<td\b", label, row.group(0))
+
+    return head + end + ROW.sub(label_row, body)
+
+
 def class_label(label: Any) -> str:
     """A folder label with its ImageNet class name when it is a WordNet id
     (`n01440764 · tench`); any other label as it is."""
@@ -238,10 +277,10 @@ class Site:
     def render(self, template: str, out_name: str, **context) -> Path:
         root = "../" * out_name.count("/")
         context = {"root": root, "page_name": out_name, "sections": self.sections, **context}
-        html = self.env.get_template(template).render(**context)
+        page = fit_tables(self.env.get_template(template).render(**context))
         path = self.out / out_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(html, encoding="utf-8")
+        path.write_text(page, encoding="utf-8")
         self.pages.append(out_name)
         return path
 
@@ -268,9 +307,9 @@ class Site:
             if root not in navs:
                 navs[root] = template.render(root=root, sections=self.sections)
             path = self.out / name
-            html = path.read_text(encoding="utf-8")
-            if NAV_MARKER in html:
-                path.write_text(html.replace(NAV_MARKER, navs[root], 1), encoding="utf-8")
+            page = path.read_text(encoding="utf-8")
+            if NAV_MARKER in page:
+                path.write_text(page.replace(NAV_MARKER, navs[root], 1), encoding="utf-8")
 
     # ---- images ---------------------------------------------------------------------
     def image(self, array: np.ndarray, rel: str, max_side: int | None = None) -> str:

@@ -270,6 +270,50 @@ def test_demo_report_every_section_every_page(browser, demo_run, http_root):
         shots.close()
 
 
+NARROW = {"width": 400, "height": 900}
+
+# What a reader of one page cannot read, as the browser lays it out (functions: the pages' CSP forbids eval)
+LAYOUT_FAULTS = """() => {
+    const faults = [], shown = e => e.getClientRects().length > 0, page = document.documentElement;
+    if (page.scrollWidth > window.innerWidth) faults.push(`the page scrolls sideways: ${page.scrollWidth} px wide`);
+    for (const table of document.querySelectorAll('table')) {
+        if (table.tHead && shown(table.tHead)) continue;  // the heading row stands above every column
+        const headings = Array.from(table.querySelectorAll('thead th'), th => th.textContent.replace(/\\s+/g, ' ').trim());
+        for (const body of table.tBodies) for (const row of body.rows) Array.from(row.cells).forEach((cell, i) => {
+            const labelled = cell.dataset.label === headings[i] && getComputedStyle(cell, '::before').content !== 'none';
+            if (headings[i] && shown(cell) && !labelled)
+                faults.push(`a cell of column "${headings[i]}" without its heading: ${cell.textContent.trim().slice(0, 40)}`);
+        });
+    }
+    return faults;
+}"""
+
+
+def page_faults(browser, report: Path, viewport: dict, check: str) -> list[str]:
+    """`check`'s faults on every page of `report`, every picture loaded: one line per page at fault."""
+    context = browser.new_context(viewport=viewport)
+    page = context.new_page()
+    try:
+        faults = []
+        for path in sorted(report.rglob("*.html")):
+            page.goto(path.as_uri(), wait_until="load")
+            load_all_images(page)
+            if found := page.evaluate(check):
+                faults.append(f"{path.relative_to(report)}: {len(found)} x, e.g. " + " | ".join(found[:3]))
+        return faults
+    finally:
+        context.close()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_every_page_fits_a_phone_and_every_table_cell_shows_its_heading(browser, demo_run):
+    """400 px wide: the page never scrolls sideways (a wide table scrolls inside itself), and a
+    table that lays its rows out as cards labels every cell with its column's heading."""
+    faults = page_faults(browser, demo_run["report"], NARROW, LAYOUT_FAULTS)
+    assert not faults, "\n".join(faults[:30])
+
+
 @pytest.mark.browser
 def test_hostile_file_names_are_shown_literally_and_run_no_script(browser, hostile_run):
     report = hostile_run["report"]
@@ -357,6 +401,21 @@ def test_paginate_splits_items_and_links_pages(tmp_path, predict_run):
     assert site.paginate([], 10, "none-{page}.html", "skipped.html", title="t") == ["none-1.html"]
 
 
+def test_tables_scroll_in_their_own_box_and_card_cells_carry_their_heading():
+    """One place does it for every template: a heading's markup is dropped, its text stays escaped."""
+    from reports.site import fit_tables
+
+    page = ('<p>x</p><table class="facts"><tr><th>a</th><td>1</td></tr></table>'
+            '<table class="rows"><thead><tr><th></th><th>p &amp; q <b>"↓"</b></th><th class="n">n</th></tr></thead>'
+            '<tbody><tr><td class="t">i</td><td class="path">&lt;td x</td><td class="n">2</td></tr></tbody></table>')
+    assert fit_tables(page) == (
+        '<p>x</p><div class="table-scroll"><table class="facts"><tr><th>a</th><td>1</td></tr></table></div>'
+        '<div class="table-scroll"><table class="rows"><thead><tr><th></th><th>p &amp; q <b>"↓"</b></th>'
+        '<th class="n">n</th></tr></thead><tbody><tr><td class="t">i</td>'
+        '<td data-label="p &amp; q &#34;↓&#34;" class="path">&lt;td x</td><td data-label="n" class="n">2</td></tr>'
+        '</tbody></table></div>')
+
+
 def test_predict_pages_list_every_image_once(predict_run):
     report = predict_run["report"]
     table = pd.read_csv(report / "predictions.csv")
@@ -365,7 +424,7 @@ def test_predict_pages_list_every_image_once(predict_run):
         rows = []
         for page in sorted((report / "predict").glob(f"{prefix}-*.html"), key=lambda p: int(p.stem.split("-")[1])):
             source = page.read_text()
-            found = re.findall(r'<td class="path">([^<]*)</td>', source)
+            found = re.findall(r'<td [^>]*class="path">([^<]*)</td>', source)
             assert len(found) <= 100
             assert all('loading="lazy"' in img for img in re.findall(r"<img [^>]*>", source))
             rows += found
@@ -411,7 +470,7 @@ def test_comparison_of_two_models_from_the_cli(prefect_api, predict_run, tmp_pat
     c = check_whole_site(browser, tmp_path / "cmp")
     assert not c.orphans
     listed = [html.unescape(p) for page in (tmp_path / "cmp" / "predict").glob("disagree-*.html")
-              for p in re.findall(r'<td class="path">([^<]*)', page.read_text())]
+              for p in re.findall(r'<td [^>]*class="path">([^<]*)', page.read_text())]
     assert sorted(listed) == sorted(both.loc[~agree, "path"]) and len(listed) > 0
     index = c.texts[(tmp_path / "cmp" / "index.html").as_uri()]
     assert "predict · model" in index and "resnet18" in index and "predict · limit" in index
