@@ -43,7 +43,8 @@ What a builder can use on `site` (all paths are relative to the report folder, '
     <table>                            scrolls inside its own box when wider than the screen;
                                        <table class="rows"> (a list, one item per row, a thumbnail
                                        in its td.t) turns into one card per row on a phone, each
-                                       cell labelled with its column's heading (`fit_tables`)
+                                       cell labelled with its column's heading (`fit_tables`);
+                                       in a "rows tiles" table the cells are pictures, side by side
 
 Pages are plain HTML + one stylesheet, no script and no external URL: the folder opens
 from file:// and from any static web server. Long lists are paged and thumbnails are

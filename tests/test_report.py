@@ -270,7 +270,7 @@ def test_demo_report_every_section_every_page(browser, demo_run, http_root):
         shots.close()
 
 
-NARROW = {"width": 400, "height": 900}
+NARROW, WIDE = {"width": 400, "height": 900}, {"width": 1300, "height": 900}
 
 # What a reader of one page cannot read, as the browser lays it out (functions: the pages' CSP forbids eval)
 LAYOUT_FAULTS = """() => {
@@ -284,6 +284,43 @@ LAYOUT_FAULTS = """() => {
             if (headings[i] && shown(cell) && !labelled)
                 faults.push(`a cell of column "${headings[i]}" without its heading: ${cell.textContent.trim().slice(0, 40)}`);
         });
+    }
+    return faults;
+}"""
+READING_FAULTS = """() => {
+    const faults = [], shown = e => e.getClientRects().length > 0;
+    // a number split over two lines, or a word where its element does not let names break anywhere
+    // (paths and hashes may, even where a segment of a path is digits)
+    const text = document.createTreeWalker(document.querySelector('main'), NodeFilter.SHOW_TEXT);
+    for (let node; (node = text.nextNode());) {
+        const style = getComputedStyle(node.parentElement);
+        const anywhere = style.overflowWrap === 'anywhere' || style.wordBreak === 'break-all';
+        if (!shown(node.parentElement) || (anywhere && node.parentElement.closest('.path, code'))) continue;
+        for (const word of node.data.matchAll(/[^\\s\\-\\u2013\\u2014\\/]+/g)) {
+            if (anywhere && !/^[\\d.,%]+$/.test(word[0])) continue;
+            const range = document.createRange();
+            range.setStart(node, word.index);
+            range.setEnd(node, word.index + word[0].length);
+            if (new Set(Array.from(range.getClientRects(), r => Math.round(r.bottom))).size > 1)
+                faults.push(`"${word[0]}" is broken over two lines`);
+        }
+    }
+    // a picture shown at its own size blown up past its pixels, or one whose page sets its width shown
+    // smaller where there is room; a grid cell's picture and a list's thumbnail take their box's size
+    for (const img of document.querySelectorAll('main img')) {
+        if (img.closest('.grid, td.t') || !shown(img) || !img.naturalWidth) continue;
+        const set = +img.getAttribute('width');
+        if (!set && img.clientWidth > img.naturalWidth + 1)
+            faults.push(`picture "${img.alt}" shown ${img.clientWidth} px wide from ${img.naturalWidth} px`);
+        if (set && img.clientWidth < Math.min(set, img.parentElement.clientWidth) - 1)
+            faults.push(`picture "${img.alt}" shown ${img.clientWidth} px wide, its page sets ${set} px`);
+    }
+    // a row of a list with a thumbnail: its other cells stand beside the thumbnail, not under it
+    for (const thumb of document.querySelectorAll('table.rows td.t')) {
+        const right = thumb.getBoundingClientRect().right;
+        for (const cell of thumb.parentElement.cells)
+            if (cell !== thumb && shown(cell) && cell.getBoundingClientRect().left < right - 1)
+                faults.push(`a cell under its row's thumbnail: ${cell.textContent.trim().slice(0, 40)}`);
     }
     return faults;
 }"""
@@ -311,6 +348,16 @@ def test_every_page_fits_a_phone_and_every_table_cell_shows_its_heading(browser,
     """400 px wide: the page never scrolls sideways (a wide table scrolls inside itself), and a
     table that lays its rows out as cards labels every cell with its column's heading."""
     faults = page_faults(browser, demo_run["report"], NARROW, LAYOUT_FAULTS)
+    assert not faults, "\n".join(faults[:30])
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.parametrize("viewport", [NARROW, WIDE], ids=["400px", "1300px"])
+def test_every_page_reads_on_a_phone_and_a_laptop(browser, demo_run, viewport):
+    """No word or number split mid-way in a narrow column, no render blown up past its pixels,
+    no list row whose cells slide under its thumbnail."""
+    faults = page_faults(browser, demo_run["report"], viewport, READING_FAULTS)
     assert not faults, "\n".join(faults[:30])
 
 
