@@ -448,6 +448,47 @@ def test_paginate_splits_items_and_links_pages(tmp_path, predict_run):
     assert site.paginate([], 10, "none-{page}.html", "skipped.html", title="t") == ["none-1.html"]
 
 
+def test_a_rebuilt_report_folder_holds_the_new_report_alone(predict_run, tmp_path):
+    """A render gone from the store takes its page and pictures with it when the report is
+    rebuilt into the same folder; a file the user put there stays."""
+    import shutil
+
+    import numpy as np
+
+    from reports.site import build_report
+    from storage.store import Store
+
+    shutil.copytree(predict_run["store"], tmp_path / "s.zarr")
+    store, out = Store(tmp_path / "s.zarr"), tmp_path / "report"
+    store.write_array("render/dream/kept", np.full((32, 32, 3), 200, np.uint8))
+    store.write_array("render/texture/gone", np.zeros((32, 32, 3), np.uint8))
+    build_report(store.path, out)
+    assert (out / "render" / "texture-1.html").is_file() and (out / "render" / "texture" / "gone.png").is_file()
+    (out / "notes.txt").write_text("the user's")
+    store.delete("render/texture/gone")
+    build_report(store.path, out)
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert not (out / "render" / "texture").exists() and "render/texture-1.html" not in files
+    assert {"render/dream-1.html", "render/dream/kept.png", "predict/all-1.html", "notes.txt"} <= files
+    assert "render/texture-1.html" not in (out / "render.html").read_text()
+    from reports.folder import MANIFEST
+
+    listed = json.loads((out / MANIFEST).read_text())["files"]
+    assert files == {*listed, MANIFEST, "notes.txt"}
+
+
+def test_a_report_is_not_written_into_a_folder_of_other_files(predict_run, tmp_path):
+    from engine.errors import InputError
+    from reports.site import build_report
+
+    (tmp_path / "photos" / "2024").mkdir(parents=True)
+    (tmp_path / "photos" / "2024" / "holiday.jpg").write_bytes(b"\xff\xd8 not ours")
+    with pytest.raises(InputError, match="photos is not a neurocat report folder"):
+        build_report(predict_run["store"], tmp_path / "photos")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted((tmp_path / "photos").rglob("*"))] == [
+        "photos/2024", "photos/2024/holiday.jpg"]
+
+
 def test_tables_scroll_in_their_own_box_and_card_cells_carry_their_heading():
     """One place does it for every template: a heading's markup is dropped, its text stays escaped."""
     from reports.site import fit_tables
