@@ -362,6 +362,27 @@ def test_every_page_reads_on_a_phone_and_a_laptop(browser, demo_run, viewport):
 
 
 @pytest.mark.browser
+def test_a_linked_heading_is_not_hidden_under_the_sticky_header(browser, predict_run):
+    """A laptop keeps the header with the section links on top of the page: a link to a part
+    of the index (#skipped, #model, ...) must bring its heading below it, not under it."""
+    index = (predict_run["report"] / "index.html").as_uri()
+    context = browser.new_context(viewport=WIDE)
+    page = context.new_page()
+    try:
+        page.goto(index, wait_until="load")
+        hidden = []
+        for anchor in page.evaluate("Array.from(document.querySelectorAll('main h2[id]'), h => h.id)"):
+            page.goto(f"{index}#{anchor}", wait_until="load")
+            heading, header = page.evaluate("""(id) => [document.getElementById(id).getBoundingClientRect().top,
+                document.querySelector('header.top').getBoundingClientRect().bottom]""", anchor)
+            if heading < header and page.evaluate("scrollY") > 0:  # a heading the page cannot scroll past is fine
+                hidden.append(f"#{anchor}: top at {heading:.0f} px, header down to {header:.0f} px")
+    finally:
+        context.close()
+    assert not hidden, hidden
+
+
+@pytest.mark.browser
 def test_hostile_file_names_are_shown_literally_and_run_no_script(browser, hostile_run):
     report = hostile_run["report"]
     c = crawl(browser, (report / "index.html").as_uri(), PHONE)
