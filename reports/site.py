@@ -265,7 +265,7 @@ class Site:
         self.store = store
         self.out = Path(out_dir)
         self.previous = report_files(self.out)  # refuses a folder of other files before writing into it
-        self.out.mkdir(parents=True, exist_ok=True)
+        record(self.out, self.previous)  # the folder is a report's from its first file: a killed build reruns here
         self.files: set[str] = set()  # every file this report wrote or kept, relative to `out`
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("reports", "templates"),

@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -472,10 +474,6 @@ def test_paginate_splits_items_and_links_pages(tmp_path, predict_run):
 def test_a_rebuilt_report_folder_holds_the_new_report_alone(predict_run, tmp_path):
     """A render gone from the store takes its page and pictures with it when the report is
     rebuilt into the same folder; a file the user put there stays."""
-    import shutil
-
-    import numpy as np
-
     from reports.site import build_report
     from storage.store import Store
 
@@ -496,6 +494,18 @@ def test_a_rebuilt_report_folder_holds_the_new_report_alone(predict_run, tmp_pat
 
     listed = json.loads((out / MANIFEST).read_text())["files"]
     assert files == {*listed, MANIFEST, "notes.txt"}
+
+
+def test_a_build_killed_half_way_leaves_a_folder_its_rerun_builds_in(predict_run, tmp_path):
+    """kill -9 in the middle of a report (no clean-up runs): the rerun of the job must not find
+    a folder of files it does not know as a report's."""
+    from reports.site import Site, build_report
+    from storage.store import Store
+
+    half = Site(Store(predict_run["store"], mode="r"), tmp_path / "r")
+    half.image(np.zeros((8, 8, 3), np.uint8), "predict/confidence.png")  # and then the process died
+    build_report(predict_run["store"], tmp_path / "r")
+    assert (tmp_path / "r" / "index.html").is_file()
 
 
 def test_a_report_is_not_written_into_a_folder_of_other_files(predict_run, tmp_path):
