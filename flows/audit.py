@@ -29,6 +29,7 @@ from flows.common import (RunOptions, map_shards, model_provenance, plan_shards,
 from flows.features import run_features
 from flows.report import _artifact_key, _md, publish_report
 from flows.runners import threads_runner
+from reports.folder import claim
 from storage.files import write_json
 from storage.store import Store, fingerprint
 from tasks.audit import CONTEXT_ARRAYS, calibration_copies, context_shard
@@ -347,7 +348,7 @@ def run_audit(opts: RunOptions, store: Store, metadata: str | None = None, previ
                                       usable, findings)
     store.update_attrs("audit", findings=findings, methods=methods, calibration_positives=positives,
                        settings=settings.model_dump(), metadata=metadata, previous=previous)
-    findings_path = write_json(Path(opts.report) / "findings.json", findings)
+    findings_path = write_json(claim(opts.report, "findings.json"), findings)  # before the report: its gate reads it
     counts = summary_counts(findings)
     record_job(store, JOB, opts, **counts)
     publish_audit_artifacts(opts.store, findings, counts, str(findings_path))

@@ -25,8 +25,8 @@ from engine.files import dataset_file
 from engine.images import label_index, list_images
 from engine.models import cached_model
 from engine.topk import STATE_FORMAT, ChannelStats
-from flows.common import (RunOptions, Shard, map_shards, plan_shards, record_failures, record_job, resolve_paths,
-                          scan_dataset, shard_fingerprint, shard_items, stage)
+from flows.common import (RunOptions, Shard, map_shards, plan_shards, record_failures, record_job, report_outputs,
+                          resolve_paths, scan_dataset, shard_fingerprint, shard_items, stage)
 from flows.report import _artifact_key, publish_report
 from flows.runners import threads_runner
 from storage.store import Store, fingerprint
@@ -266,4 +266,5 @@ def catalog_flow(opts: RunOptions, layers=DEFAULT_LAYERS, top_k: int = 16, botto
                              activation_images)
         report = publish_report(opts.store, opts.report)
         publish_catalog_artifacts(opts.store, opts.report)
-    return {"store": opts.store, "report": str(report), "atlas": f"{opts.report}/catalog/index.html", **result}
+    return {"store": opts.store, "report": str(report), **report_outputs(opts.report, atlas="catalog/index.html"),
+            **result}

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from engine.files import dataset_file
 from engine.models import cached_model
+from reports.folder import check_report_folder
 from storage.manifest import build_manifest, mark_failed
 from storage.store import Store, fingerprint
 
@@ -58,10 +59,18 @@ def default_report(store: str) -> str:
 
 
 def resolve_paths(opts: RunOptions, job: str) -> RunOptions:
-    """Fill in the default store (`runs/<run-id>.zarr`) and report dir (`<store>-report`)."""
+    """Fill in the default store (`runs/<run-id>.zarr`) and report dir (`<store>-report`);
+    refuse a report folder no report can own before the job runs, not after."""
     store = opts.store or str(Path("runs") / f"{new_run_id(job)}.zarr")
     report = opts.report or default_report(store)
+    check_report_folder(report, store)
     return opts.model_copy(update={"store": store, "report": report})
+
+
+def report_outputs(report: str, **files: str) -> dict[str, str]:
+    """{name: path} of those `files` (paths in the report folder) that its report wrote: a
+    result must not name a file that is not there (a skipped section writes none)."""
+    return {name: str(Path(report) / rel) for name, rel in files.items() if (Path(report) / rel).is_file()}
 
 
 @dataclass(frozen=True)

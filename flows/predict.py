@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 from prefect import flow
 
 from engine.classes import imagenet_classes
-from flows.common import RunOptions, record_job, resolve_paths
+from flows.common import RunOptions, record_job, report_outputs, resolve_paths
 from flows.features import run_features
 from flows.report import publish_report
 from flows.runners import threads_runner
@@ -36,5 +34,5 @@ def predict_flow(opts: RunOptions) -> dict:
         table = run_predict(opts, store)
         report = publish_report(opts.store, opts.report)  # its predictions section writes the CSV
     top1 = store.attrs()["jobs"][JOB]["top1"]
-    return {"store": opts.store, "report": str(report), "predictions": str(Path(opts.report) / "predictions.csv"),
+    return {"store": opts.store, "report": str(report), **report_outputs(opts.report, predictions="predictions.csv"),
             "images": len(table), "top1": top1}

@@ -196,6 +196,7 @@ def check_folder(path: str | None, option: str) -> None:
 def check_options(args) -> None:
     """The checks of the common options that need nothing imported: made before anything starts."""
     from engine.errors import InputError
+    from reports.folder import check_report_folder
 
     data = getattr(args, "data", None)
     if data is not None and not os.path.isdir(data):
@@ -207,6 +208,8 @@ def check_options(args) -> None:
         raise InputError(f"weights file not found: {weights}")
     for option in ("store", "report"):
         check_folder(getattr(args, option, None), option)
+    if getattr(args, "report", None):
+        check_report_folder(args.report, getattr(args, "store", None))
     numbers = [getattr(args, name, None) for name in ("batch_size", "shard_size", "limit", "workers")]
     if any(v is not None and v < 1 for v in numbers):
         raise InputError("--batch-size, --shard-size, --limit and --workers must be positive")

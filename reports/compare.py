@@ -9,7 +9,6 @@ the index in one line, like a section of a single-run report.
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -54,24 +53,22 @@ def shared_images(ma, mb) -> dict:
 def build_comparison(store_a: str | Path, store_b: str | Path, out_dir: str | Path,
                      sections: Sequence[str] = SECTION_MODULES) -> Report:
     a, b = Store(store_a, mode="r"), Store(store_b, mode="r")
-    site = Site(a, out_dir)
-    shutil.copyfile(Path(__file__).with_name("static") / "style.css", site.out / "style.css")
-    statuses = [st for st in (run_section(site, key, "compare", a, b) for key in sections) if st is not None]
-    ma, mb = a.read_manifest(), b.read_manifest()
-    da, db = dataset_summary(ma), dataset_summary(mb)
-    attrs_a, attrs_b = a.attrs(), b.attrs()
-    timings = timing_rows(attrs_a.get("timings", {}), attrs_b.get("timings", {}))
-    index = site.render(
-        "compare.html", "index.html",
-        title=f"neurocat comparison — {a.path.name} vs {b.path.name}",
-        store_a=str(a.path), store_b=str(b.path),
-        built=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        dataset_rows=[(label, da[k], db[k]) for k, label in DATASET_ROWS],
-        shared=shared_images(ma, mb),
-        models_a=model_summary(a), models_b=model_summary(b),
-        jobs_a=sorted(attrs_a.get("jobs", {})), jobs_b=sorted(attrs_b.get("jobs", {})),
-        params=param_diff(attrs_a.get("jobs", {}), attrs_b.get("jobs", {})),
-        timings=timings, statuses=statuses, versions=versions(),
-    )
-    site.finish()
+    with Site(a, out_dir) as site:
+        statuses = [st for st in (run_section(site, key, "compare", a, b) for key in sections) if st is not None]
+        ma, mb = a.read_manifest(), b.read_manifest()
+        da, db = dataset_summary(ma), dataset_summary(mb)
+        attrs_a, attrs_b = a.attrs(), b.attrs()
+        timings = timing_rows(attrs_a.get("timings", {}), attrs_b.get("timings", {}))
+        index = site.render(
+            "compare.html", "index.html",
+            title=f"neurocat comparison — {a.path.name} vs {b.path.name}",
+            store_a=str(a.path), store_b=str(b.path),
+            built=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            dataset_rows=[(label, da[k], db[k]) for k, label in DATASET_ROWS],
+            shared=shared_images(ma, mb),
+            models_a=model_summary(a), models_b=model_summary(b),
+            jobs_a=sorted(attrs_a.get("jobs", {})), jobs_b=sorted(attrs_b.get("jobs", {})),
+            params=param_diff(attrs_a.get("jobs", {}), attrs_b.get("jobs", {})),
+            timings=timings, statuses=statuses, versions=versions(),
+        )
     return Report(index, statuses, {"a": da, "b": db}, {"a": attrs_a.get("timings", {}), "b": attrs_b.get("timings", {})})

@@ -14,6 +14,9 @@ What a builder can use on `site` (all paths are relative to the report folder, '
 
     site.store                         the run's Store (read-only)
     site.out                           the report folder (Path)
+    site.file(rel) -> Path             the path to write a file of the report to (a CSV, a JSON):
+                                       a rebuild deletes the files of the last build that it did
+                                       not write again, and knows only the files made through site
     site.render(template, out_name, title=..., **ctx)   one page; templates live in
                                        reports/templates/, extend "base.html" (block
                                        `content`), autoescape is on; `root` ("../" * depth)
@@ -40,6 +43,11 @@ What a builder can use on `site` (all paths are relative to the report folder, '
     {% from "_macros.html" import thumb %}{{ thumb(root, rel, alt, size) }}
                                        an <img loading="lazy"> with width/height set (rel None:
                                        a placeholder)
+    <table>                            scrolls inside its own box when wider than the screen;
+                                       <table class="rows"> (a list, one item per row, a thumbnail
+                                       in its td.t) turns into one card per row on a phone, each
+                                       cell labelled with its column's heading (`fit_tables`);
+                                       in a "rows tiles" table the cells are pictures, side by side
 
 Pages are plain HTML + one stylesheet, no script and no external URL: the folder opens
 from file:// and from any static web server. Long lists are paged and thumbnails are
@@ -50,6 +58,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import importlib
 import importlib.metadata
 import io
@@ -74,6 +83,7 @@ from PIL import Image, ImageOps
 
 from engine.classes import imagenet_classes
 from engine.files import dataset_file, upright
+from reports.folder import record, remove, report_files
 from storage.files import write_csv
 from storage.store import Store
 
@@ -199,6 +209,40 @@ def as_written(value: Any) -> Any:
     return value
 
 
+TABLE = re.compile(r"<table\b[^>]*>.*?</table>", re.S)
+CARD_TABLE = re.compile(r'<table\b[^>]*\bclass="(?:[^"]* )?rows[ "]')
+HEADING = re.compile(r"<th\b[^>]*>(.*?)</th>", re.S)
+ROW = re.compile(r"<tr\b[^>]*>.*?</tr>", re.S)
+TAG = re.compile(r"<[^>]*>")
+
+
+def fit_tables(page: str) -> str:
+    """Every table of a rendered page inside a `div.table-scroll`, so a table wider than the
+    screen scrolls inside it and the page does not; in a `table.rows`, which a narrow screen
+    shows as one card per row with its heading row hidden (style.css), every body cell gets its
+    column's heading as `data-label`. Here once rather than in every template. A literal tag
+    in a page comes from a template alone: autoescape turns every `<` of a value into `&lt;`."""
+    return TABLE.sub(lambda m: f'<div class="table-scroll">{_label_cells(m.group(0))}</div>', page)
+
+
+def _label_cells(table: str) -> str:
+    if not CARD_TABLE.match(table):
+        return table
+    head, end, body = table.partition("</thead>")
+    labels = [markupsafe.escape(html.unescape(" ".join(TAG.sub("", h).split()))) for h in HEADING.findall(head)]
+
+    def label_row(row: re.Match) -> str:
+        column = iter(labels)
+
+        def label(td: re.Match) -> str:
+            heading = next(column, "")
+            return f'<td data-label="{heading}"' if heading else td.group(0)
+
+        return re.sub(r"<td\b", label, row.group(0))
+
+    return head + end + ROW.sub(label_row, body)
+
+
 def class_label(label: Any) -> str:
     """A folder label with its ImageNet class name when it is a WordNet id
     (`n01440764 · tench`); any other label as it is."""
@@ -213,12 +257,16 @@ def one_line(exc: BaseException) -> str:
 
 
 class Site:
-    """Where section builders write pages and images."""
+    """Where section builders write pages and images. Used as a context manager: on leaving it,
+    the folder holds this report alone (reports.folder): the files of the previous report that
+    this one did not write again are deleted, and the manifest lists this report's."""
 
     def __init__(self, store: Store, out_dir: str | Path):
         self.store = store
         self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.previous = report_files(self.out)  # refuses a folder of other files before writing into it
+        record(self.out, self.previous)  # the folder is a report's from its first file: a killed build reruns here
+        self.files: set[str] = set()  # every file this report wrote or kept, relative to `out`
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("reports", "templates"),
             autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
@@ -234,14 +282,30 @@ class Site:
         self._manifest: pd.DataFrame | None = None
         self._thumbs: dict[tuple[int, int], str | None] = {}
 
+    def __enter__(self) -> "Site":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self._finish()
+        else:  # a broken build: the next one still knows every file either build wrote
+            record(self.out, self.previous | self.files)
+
+    def file(self, rel: str) -> Path:
+        """The path of report file `rel` (its folder made), listed as this report's: every file
+        the report writes, pages and pictures included, goes through here."""
+        self.files.add(rel)
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     # ---- pages ----------------------------------------------------------------------
     def render(self, template: str, out_name: str, **context) -> Path:
         root = "../" * out_name.count("/")
         context = {"root": root, "page_name": out_name, "sections": self.sections, **context}
-        html = self.env.get_template(template).render(**context)
-        path = self.out / out_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(html, encoding="utf-8")
+        page = fit_tables(self.env.get_template(template).render(**context))
+        path = self.file(out_name)
+        path.write_text(page, encoding="utf-8")
         self.pages.append(out_name)
         return path
 
@@ -259,8 +323,10 @@ class Site:
             self.render(template, name, items=items[start:stop], pager=pager, **context)
         return names
 
-    def finish(self) -> None:
-        """Put the final navigation (sections that built) into every page written so far."""
+    def _finish(self) -> None:
+        """Put the final navigation (sections that built) into every page, add the stylesheet;
+        delete the previous report's files this one did not write, list this one's."""
+        shutil.copyfile(Path(__file__).with_name("static") / "style.css", self.file("style.css"))
         template = self.env.get_template("_nav.html")
         navs: dict[str, str] = {}
         for name in self.pages:
@@ -268,9 +334,11 @@ class Site:
             if root not in navs:
                 navs[root] = template.render(root=root, sections=self.sections)
             path = self.out / name
-            html = path.read_text(encoding="utf-8")
-            if NAV_MARKER in html:
-                path.write_text(html.replace(NAV_MARKER, navs[root], 1), encoding="utf-8")
+            page = path.read_text(encoding="utf-8")
+            if NAV_MARKER in page:
+                path.write_text(page.replace(NAV_MARKER, navs[root], 1), encoding="utf-8")
+        record(self.out, self.files)
+        remove(self.out, self.previous - self.files)
 
     # ---- images ---------------------------------------------------------------------
     def image(self, array: np.ndarray, rel: str, max_side: int | None = None) -> str:
@@ -298,13 +366,13 @@ class Site:
                 with ThreadPoolExecutor(max_workers=4, thread_name_prefix="thumb") as pool:
                     made = list(pool.map(lambda i: self._thumb_from_file(i, max_side), todo))
             self._thumbs.update({(i, max_side): rel for i, rel in zip(todo, made)})
+            self.files.update(rel for rel in made if rel)  # made now or kept from the previous report
         return [self._thumbs[(i, max_side)] for i in indices]
     def figure(self, fig, rel: str) -> str:
         """Save a matplotlib figure as PNG under the site."""
         import matplotlib.pyplot as plt
 
-        path = self.out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.file(rel)
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         return rel
@@ -316,8 +384,7 @@ class Site:
         return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
     def _save(self, img: Image.Image, rel: str, max_side: int | None, quality: int = 88) -> str:
-        path = self.out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.file(rel)
         low = rel.lower()
         fmt = "JPEG" if low.endswith((".jpg", ".jpeg")) else ("WEBP" if low.endswith(".webp") else "PNG")
         path.write_bytes(self._encode(img, fmt, max_side, quality))
@@ -488,34 +555,32 @@ class Report:
 def build_report(store_path: str | Path, out_dir: str | Path, sections: Sequence[str] = SECTION_MODULES) -> Report:
     """(Re)build the whole report of `store_path` into `out_dir`: every section, then the index."""
     store = Store(store_path, mode="r")
-    site = Site(store, out_dir)
-    shutil.copyfile(Path(__file__).with_name("static") / "style.css", site.out / "style.css")
-    statuses = [st for st in (run_section(site, key) for key in sections) if st is not None]
-    manifest = site.manifest
-    skipped = manifest[manifest["status"] != "ok"]
-    skipped_rows = skipped[["path", "reason"]].to_dict("records")
-    if len(skipped) > SKIPPED_ON_INDEX:
-        write_csv(site.out / "skipped.csv", skipped[["path", "reason"]])
-        site.paginate(skipped_rows, SKIPPED_PER_PAGE, "skipped/page-{page}.html", "skipped.html",
-                      title="Skipped inputs")
-    attrs = store.attrs()
-    dataset = dataset_summary(manifest)
-    timings = attrs.get("timings", {})
-    index = site.render(
-        "index.html", "index.html",
-        title=f"neurocat report — {store.path.name}",
-        store=str(store.path),
-        built=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        jobs=attrs.get("jobs", {}),
-        timings=timings,
-        models=model_summary(store),
-        dataset=dataset,
-        statuses=statuses,
-        skipped=skipped_rows[:SKIPPED_ON_INDEX],
-        skipped_reasons=skipped_reasons(skipped),
-        versions=versions(),
-    )
-    site.finish()
+    with Site(store, out_dir) as site:
+        statuses = [st for st in (run_section(site, key) for key in sections) if st is not None]
+        manifest = site.manifest
+        skipped = manifest[manifest["status"] != "ok"]
+        skipped_rows = skipped[["path", "reason"]].to_dict("records")
+        if len(skipped) > SKIPPED_ON_INDEX:
+            write_csv(site.file("skipped.csv"), skipped[["path", "reason"]])
+            site.paginate(skipped_rows, SKIPPED_PER_PAGE, "skipped/page-{page}.html", "skipped.html",
+                          title="Skipped inputs")
+        attrs = store.attrs()
+        dataset = dataset_summary(manifest)
+        timings = attrs.get("timings", {})
+        index = site.render(
+            "index.html", "index.html",
+            title=f"neurocat report — {store.path.name}",
+            store=str(store.path),
+            built=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            jobs=attrs.get("jobs", {}),
+            timings=timings,
+            models=model_summary(store),
+            dataset=dataset,
+            statuses=statuses,
+            skipped=skipped_rows[:SKIPPED_ON_INDEX],
+            skipped_reasons=skipped_reasons(skipped),
+            versions=versions(),
+        )
     return Report(index, statuses, dataset, timings)
 
 

@@ -114,14 +114,22 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, shared_images):
         ["predict", "--data", str(shared_images), "--report", str(tmp_path / "a_file")],
         ["predict", "--data", str(shared_images), "--runner", "tcp://127.0.0.1:1", "--limit", "1"],  # no scheduler
         ["report", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "a_file")],
+        # a report replaces what its folder holds: not a folder of other files, nor the store's folder
+        ["report", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "photos")],
+        ["predict", "--data", str(shared_images), "--report", str(tmp_path / "photos"), "--limit", "1"],
+        ["predict", "--data", str(shared_images), "--store", str(tmp_path / "r" / "s.zarr"), "--report",
+         str(tmp_path / "r"), "--limit", "1"],
     ]
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8 not ours")
     Store(str(tmp_path / "s.zarr"))
     for args in cases:
         out = subprocess.run(neurocat_cmd() + args, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr, args
         assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("neurocat"), out.stderr
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["holiday.jpg"]
 
 
 def processes_with_home(home) -> list[int]:
@@ -192,6 +200,19 @@ def test_cli_on_dask_prints_the_result_and_nothing_else(prefect_api, demo_data, 
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["images"] == 8
     assert out.stderr.strip() == "", out.stderr[-2000:]
+
+
+def test_json_names_only_the_files_that_were_written(prefect_api, tmp_path):
+    """No usable image: no predictions.csv is written, and the result does not name one."""
+    (tmp_path / "data" / "n01440764").mkdir(parents=True)
+    (tmp_path / "data" / "n01440764" / "empty.jpg").write_bytes(b"")
+    out = subprocess.run(neurocat_cmd() + ["predict", "--data", str(tmp_path / "data"), "--store",
+                                           str(tmp_path / "s.zarr"), "--json"],
+                         capture_output=True, text=True, env=cli_env(prefect_api), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert "predictions" not in result and not (tmp_path / "s-report" / "predictions.csv").exists()
+    assert Path(result["report"]).is_file() and result["images"] == 0
 
 
 def test_empty_folder_gives_empty_report(prefect_api, tmp_path):

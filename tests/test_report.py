@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -270,6 +272,118 @@ def test_demo_report_every_section_every_page(browser, demo_run, http_root):
         shots.close()
 
 
+NARROW, WIDE = {"width": 400, "height": 900}, {"width": 1300, "height": 900}
+
+# What a reader of one page cannot read, as the browser lays it out (functions: the pages' CSP forbids eval)
+LAYOUT_FAULTS = """() => {
+    const faults = [], shown = e => e.getClientRects().length > 0, page = document.documentElement;
+    if (page.scrollWidth > window.innerWidth) faults.push(`the page scrolls sideways: ${page.scrollWidth} px wide`);
+    for (const table of document.querySelectorAll('table')) {
+        if (table.tHead && shown(table.tHead)) continue;  // the heading row stands above every column
+        const headings = Array.from(table.querySelectorAll('thead th'), th => th.textContent.replace(/\\s+/g, ' ').trim());
+        for (const body of table.tBodies) for (const row of body.rows) Array.from(row.cells).forEach((cell, i) => {
+            const labelled = cell.dataset.label === headings[i] && getComputedStyle(cell, '::before').content !== 'none';
+            if (headings[i] && shown(cell) && !labelled)
+                faults.push(`a cell of column "${headings[i]}" without its heading: ${cell.textContent.trim().slice(0, 40)}`);
+        });
+    }
+    return faults;
+}"""
+READING_FAULTS = """() => {
+    const faults = [], shown = e => e.getClientRects().length > 0;
+    // a number split over two lines, or a word where its element does not let names break anywhere
+    // (paths and hashes may, even where a segment of a path is digits)
+    const text = document.createTreeWalker(document.querySelector('main'), NodeFilter.SHOW_TEXT);
+    for (let node; (node = text.nextNode());) {
+        const style = getComputedStyle(node.parentElement);
+        const anywhere = style.overflowWrap === 'anywhere' || style.wordBreak === 'break-all';
+        if (!shown(node.parentElement) || (anywhere && node.parentElement.closest('.path, code'))) continue;
+        for (const word of node.data.matchAll(/[^\\s\\-\\u2013\\u2014\\/]+/g)) {
+            if (anywhere && !/^[\\d.,%]+$/.test(word[0])) continue;
+            const range = document.createRange();
+            range.setStart(node, word.index);
+            range.setEnd(node, word.index + word[0].length);
+            if (new Set(Array.from(range.getClientRects(), r => Math.round(r.bottom))).size > 1)
+                faults.push(`"${word[0]}" is broken over two lines`);
+        }
+    }
+    // a picture shown at its own size blown up past its pixels, or one whose page sets its width shown
+    // smaller where there is room; a grid cell's picture and a list's thumbnail take their box's size
+    for (const img of document.querySelectorAll('main img')) {
+        if (img.closest('.grid, td.t') || !shown(img) || !img.naturalWidth) continue;
+        const set = +img.getAttribute('width');
+        if (!set && img.clientWidth > img.naturalWidth + 1)
+            faults.push(`picture "${img.alt}" shown ${img.clientWidth} px wide from ${img.naturalWidth} px`);
+        if (set && img.clientWidth < Math.min(set, img.parentElement.clientWidth) - 1)
+            faults.push(`picture "${img.alt}" shown ${img.clientWidth} px wide, its page sets ${set} px`);
+    }
+    // a row of a list with a thumbnail: its other cells stand beside the thumbnail, not under it
+    for (const thumb of document.querySelectorAll('table.rows td.t')) {
+        const right = thumb.getBoundingClientRect().right;
+        for (const cell of thumb.parentElement.cells)
+            if (cell !== thumb && shown(cell) && cell.getBoundingClientRect().left < right - 1)
+                faults.push(`a cell under its row's thumbnail: ${cell.textContent.trim().slice(0, 40)}`);
+    }
+    return faults;
+}"""
+
+
+def page_faults(browser, report: Path, viewport: dict, check: str) -> list[str]:
+    """`check`'s faults on every page of `report`, every picture loaded: one line per page at fault."""
+    context = browser.new_context(viewport=viewport)
+    page = context.new_page()
+    try:
+        faults = []
+        for path in sorted(report.rglob("*.html")):
+            page.goto(path.as_uri(), wait_until="load")
+            load_all_images(page)
+            if found := page.evaluate(check):
+                faults.append(f"{path.relative_to(report)}: {len(found)} x, e.g. " + " | ".join(found[:3]))
+        return faults
+    finally:
+        context.close()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_every_page_fits_a_phone_and_every_table_cell_shows_its_heading(browser, demo_run):
+    """400 px wide: the page never scrolls sideways (a wide table scrolls inside itself), and a
+    table that lays its rows out as cards labels every cell with its column's heading."""
+    faults = page_faults(browser, demo_run["report"], NARROW, LAYOUT_FAULTS)
+    assert not faults, "\n".join(faults[:30])
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.parametrize("viewport", [NARROW, WIDE], ids=["400px", "1300px"])
+def test_every_page_reads_on_a_phone_and_a_laptop(browser, demo_run, viewport):
+    """No word or number split mid-way in a narrow column, no render blown up past its pixels,
+    no list row whose cells slide under its thumbnail."""
+    faults = page_faults(browser, demo_run["report"], viewport, READING_FAULTS)
+    assert not faults, "\n".join(faults[:30])
+
+
+@pytest.mark.browser
+def test_a_linked_heading_is_not_hidden_under_the_sticky_header(browser, predict_run):
+    """A laptop keeps the header with the section links on top of the page: a link to a part
+    of the index (#skipped, #model, ...) must bring its heading below it, not under it."""
+    index = (predict_run["report"] / "index.html").as_uri()
+    context = browser.new_context(viewport=WIDE)
+    page = context.new_page()
+    try:
+        page.goto(index, wait_until="load")
+        hidden = []
+        for anchor in page.evaluate("Array.from(document.querySelectorAll('main h2[id]'), h => h.id)"):
+            page.goto(f"{index}#{anchor}", wait_until="load")
+            heading, header = page.evaluate("""(id) => [document.getElementById(id).getBoundingClientRect().top,
+                document.querySelector('header.top').getBoundingClientRect().bottom]""", anchor)
+            if heading < header and page.evaluate("scrollY") > 0:  # a heading the page cannot scroll past is fine
+                hidden.append(f"#{anchor}: top at {heading:.0f} px, header down to {header:.0f} px")
+    finally:
+        context.close()
+    assert not hidden, hidden
+
+
 @pytest.mark.browser
 def test_hostile_file_names_are_shown_literally_and_run_no_script(browser, hostile_run):
     report = hostile_run["report"]
@@ -357,6 +471,70 @@ def test_paginate_splits_items_and_links_pages(tmp_path, predict_run):
     assert site.paginate([], 10, "none-{page}.html", "skipped.html", title="t") == ["none-1.html"]
 
 
+def test_a_rebuilt_report_folder_holds_the_new_report_alone(predict_run, tmp_path):
+    """A render gone from the store takes its page and pictures with it when the report is
+    rebuilt into the same folder; a file the user put there stays."""
+    from reports.site import build_report
+    from storage.store import Store
+
+    shutil.copytree(predict_run["store"], tmp_path / "s.zarr")
+    store, out = Store(tmp_path / "s.zarr"), tmp_path / "report"
+    store.write_array("render/dream/kept", np.full((32, 32, 3), 200, np.uint8))
+    store.write_array("render/texture/gone", np.zeros((32, 32, 3), np.uint8))
+    build_report(store.path, out)
+    assert (out / "render" / "texture-1.html").is_file() and (out / "render" / "texture" / "gone.png").is_file()
+    (out / "notes.txt").write_text("the user's")
+    store.delete("render/texture/gone")
+    build_report(store.path, out)
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert not (out / "render" / "texture").exists() and "render/texture-1.html" not in files
+    assert {"render/dream-1.html", "render/dream/kept.png", "predict/all-1.html", "notes.txt"} <= files
+    assert "render/texture-1.html" not in (out / "render.html").read_text()
+    from reports.folder import MANIFEST
+
+    listed = json.loads((out / MANIFEST).read_text())["files"]
+    assert files == {*listed, MANIFEST, "notes.txt"}
+
+
+def test_a_build_killed_half_way_leaves_a_folder_its_rerun_builds_in(predict_run, tmp_path):
+    """kill -9 in the middle of a report (no clean-up runs): the rerun of the job must not find
+    a folder of files it does not know as a report's."""
+    from reports.site import Site, build_report
+    from storage.store import Store
+
+    half = Site(Store(predict_run["store"], mode="r"), tmp_path / "r")
+    half.image(np.zeros((8, 8, 3), np.uint8), "predict/confidence.png")  # and then the process died
+    build_report(predict_run["store"], tmp_path / "r")
+    assert (tmp_path / "r" / "index.html").is_file()
+
+
+def test_a_report_is_not_written_into_a_folder_of_other_files(predict_run, tmp_path):
+    from engine.errors import InputError
+    from reports.site import build_report
+
+    (tmp_path / "photos" / "2024").mkdir(parents=True)
+    (tmp_path / "photos" / "2024" / "holiday.jpg").write_bytes(b"\xff\xd8 not ours")
+    with pytest.raises(InputError, match="photos is not a neurocat report folder"):
+        build_report(predict_run["store"], tmp_path / "photos")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted((tmp_path / "photos").rglob("*"))] == [
+        "photos/2024", "photos/2024/holiday.jpg"]
+
+
+def test_tables_scroll_in_their_own_box_and_card_cells_carry_their_heading():
+    """One place does it for every template: a heading's markup is dropped, its text stays escaped."""
+    from reports.site import fit_tables
+
+    page = ('<p>x</p><table class="facts"><tr><th>a</th><td>1</td></tr></table>'
+            '<table class="rows"><thead><tr><th></th><th>p &amp; q <b>"↓"</b></th><th class="n">n</th></tr></thead>'
+            '<tbody><tr><td class="t">i</td><td class="path">&lt;td x</td><td class="n">2</td></tr></tbody></table>')
+    assert fit_tables(page) == (
+        '<p>x</p><div class="table-scroll"><table class="facts"><tr><th>a</th><td>1</td></tr></table></div>'
+        '<div class="table-scroll"><table class="rows"><thead><tr><th></th><th>p &amp; q <b>"↓"</b></th>'
+        '<th class="n">n</th></tr></thead><tbody><tr><td class="t">i</td>'
+        '<td data-label="p &amp; q &#34;↓&#34;" class="path">&lt;td x</td><td data-label="n" class="n">2</td></tr>'
+        '</tbody></table></div>')
+
+
 def test_predict_pages_list_every_image_once(predict_run):
     report = predict_run["report"]
     table = pd.read_csv(report / "predictions.csv")
@@ -365,7 +543,7 @@ def test_predict_pages_list_every_image_once(predict_run):
         rows = []
         for page in sorted((report / "predict").glob(f"{prefix}-*.html"), key=lambda p: int(p.stem.split("-")[1])):
             source = page.read_text()
-            found = re.findall(r'<td class="path">([^<]*)</td>', source)
+            found = re.findall(r'<td [^>]*class="path">([^<]*)</td>', source)
             assert len(found) <= 100
             assert all('loading="lazy"' in img for img in re.findall(r"<img [^>]*>", source))
             rows += found
@@ -411,7 +589,7 @@ def test_comparison_of_two_models_from_the_cli(prefect_api, predict_run, tmp_pat
     c = check_whole_site(browser, tmp_path / "cmp")
     assert not c.orphans
     listed = [html.unescape(p) for page in (tmp_path / "cmp" / "predict").glob("disagree-*.html")
-              for p in re.findall(r'<td class="path">([^<]*)', page.read_text())]
+              for p in re.findall(r'<td [^>]*class="path">([^<]*)', page.read_text())]
     assert sorted(listed) == sorted(both.loc[~agree, "path"]) and len(listed) > 0
     index = c.texts[(tmp_path / "cmp" / "index.html").as_uri()]
     assert "predict · model" in index and "resnet18" in index and "predict · limit" in index

@@ -41,4 +41,4 @@ def run(args) -> dict:
     check_activation_images(opts, activation_images)
     result = with_runner(catalog_flow, opts)(opts, layers, args.top_k, args.bottom_k, args.featvis,
                                               args.projections, args.projection_rule, activation_images)
-    return {k: result[k] for k in ("store", "report", "atlas", "layers", "featvis")}
+    return {k: result[k] for k in ("store", "report", "atlas", "layers", "featvis") if k in result}

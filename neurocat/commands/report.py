@@ -15,6 +15,7 @@ def run(args) -> dict:
     from flows.common import default_report
     from flows.report import report_flow
     from neurocat.cli import check_folder, wait_for_api
+    from reports.folder import check_report_folder
 
     for store in filter(None, [args.store, args.compare]):
         if not (Path(store) / "zarr.json").exists():
@@ -25,5 +26,6 @@ def run(args) -> dict:
     else:
         out = args.out or default_report(args.store)
     check_folder(out, "out")
+    check_report_folder(out, args.store)
     wait_for_api()
     return report_flow(args.store, out, args.compare)

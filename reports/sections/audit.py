@@ -33,7 +33,7 @@ def build(site: Site) -> Section | None:
         return None
     attrs = store.attrs("audit")
     findings, methods = attrs["findings"], attrs.get("methods", {})
-    write_json(site.out / "findings.json", findings)
+    write_json(site.file("findings.json"), findings)
     row_of = {p: i for i, p in enumerate(site.manifest["path"])}
     drift = findings.get("drift") or {}
     lists = []

@@ -71,7 +71,7 @@ def build(site: Site) -> Section | None:
         raise SectionSkipped(f"no usable image: all {len(manifest)} files were skipped" if len(manifest)
                              else "no usable image: the data folder is empty")
     table = predictions(site.store)
-    write_csv(site.out / "predictions.csv", table[["path", "label", "pred_index", "pred_wnid", "pred_name", "prob"]])
+    write_csv(site.file("predictions.csv"), table[["path", "label", "pred_index", "pred_wnid", "pred_name", "prob"]])
     top1 = accuracy(table)
     wrong = table[table["correct"] == 0]
     confusions = (wrong.groupby(["label", "label_name", "pred_wnid", "pred_name"]).size()
