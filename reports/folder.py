@@ -4,8 +4,8 @@ Every build lists the files it wrote in MANIFEST, which also marks the folder as
 report's. The next build into the folder removes the files of that list it did not write
 again (the pages and pictures of a section, layer or render no longer in the store), and
 only those: a file the user put beside the report is left alone. A folder that holds files
-but no manifest (the user's own, or a report from before manifests) is refused, never mixed
-into or emptied.
+but no manifest is refused, never mixed into or emptied, unless it is a report from before
+manifests (rebuilt in place; its own leftovers stay that once).
 
 Light to import (storage only to write the manifest): the CLI checks a folder before it
 imports anything heavy.
@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from engine.errors import InputError
 
 MANIFEST = ".neurocat-report.json"
+OLDER_REPORT = "neurocat static report"  # the footer of every page (templates/base.html)
 
 
 def report_files(folder: str | Path) -> set[str]:
@@ -39,12 +40,22 @@ def report_files(folder: str | Path) -> set[str]:
         raise InputError(f"{folder} is a file, not a folder")
     if folder.is_dir():
         found = sorted(p.name for p in folder.iterdir())
+        if found and _older_report(folder):
+            return set()  # rebuilt in place, as it was before manifests; what it held beyond the new report stays
         if found:
             shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
             raise InputError(f"{folder} is not a neurocat report folder (it holds {shown}, but no {MANIFEST}): "
-                             "a report replaces what its folder holds, so choose a new or empty folder "
-                             "(a report of an older neurocat: delete it first)")
+                             "a report replaces what its folder holds, so choose a new or empty folder")
     return set()
+
+
+def _older_report(folder: Path) -> bool:
+    """A report written before manifests: its index page ends with the report's footer."""
+    index = folder / "index.html"
+    try:
+        return index.is_file() and OLDER_REPORT in index.read_text(encoding="utf-8", errors="replace")[-4096:]
+    except OSError:
+        return False
 
 
 def check_report_folder(folder: str | Path, store: str | Path | None = None) -> None:

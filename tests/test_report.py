@@ -520,6 +520,29 @@ def test_a_report_is_not_written_into_a_folder_of_other_files(predict_run, tmp_p
         "photos/2024", "photos/2024/holiday.jpg"]
 
 
+def test_a_report_of_an_older_neurocat_is_rebuilt_in_place(predict_run, tmp_path):
+    """A folder holding a report from before the folder manifest (its pages, no manifest) is
+    not refused, as a folder of other files is: the report is rebuilt there and owns its
+    files from then on; what the old one held beyond them stays that once."""
+    import shutil
+
+    from engine.errors import InputError
+    from reports.folder import MANIFEST
+    from reports.site import build_report
+
+    old = tmp_path / "old"
+    build_report(predict_run["store"], old)
+    (old / MANIFEST).unlink()
+    (old / "stale.html").write_text("a page of a section that is gone")
+    build_report(predict_run["store"], old)
+    assert (old / MANIFEST).is_file() and (old / "stale.html").is_file()
+    shutil.rmtree(old / "predict", ignore_errors=True)
+    (old / MANIFEST).unlink()
+    (old / "index.html").write_text("<p>my own page</p>")  # not a report's: refused
+    with pytest.raises(InputError, match="not a neurocat report folder"):
+        build_report(predict_run["store"], old)
+
+
 def test_tables_scroll_in_their_own_box_and_card_cells_carry_their_heading():
     """One place does it for every template: a heading's markup is dropped, its text stays escaped."""
     from reports.site import fit_tables
