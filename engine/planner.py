@@ -35,15 +35,17 @@ DEVICES = {
 }
 
 
-def explain_passes(methods: int = 5, faithfulness_steps: int = 10, road_fractions: int = 5) -> tuple[float, float]:
+def explain_passes(methods: int = 5, faithfulness_steps: int = 10, road_fractions: int = 5,
+                   gradients: int = 3) -> tuple[float, float]:
     """Per-image (forward, forward+backward) passes of `neurocat explain`: the prediction, the
     faithfulness curves' ends (the image, its blurred copy) and, for every method and the
     random reference, 2 (steps - 1) deletion/insertion points and ROAD's MoRF and LeRF points;
-    about one gradient pass a method (guided Grad-CAM two, CAM a forward only). The curves
-    are nearly all of it: 172 forwards against 5 gradients with the defaults. ROAD's
-    imputations and the GrabCut masks are counted apart (`explain_extras`)."""
+    `gradients` passes for the maps (the defaults: saliency, guided backprop and Grad-CAM one
+    each; guided Grad-CAM is their product, CAM a forward only). The curves are nearly all of
+    it: 172 forwards against 3 gradients with the defaults. ROAD's imputations and the
+    GrabCut masks are counted apart (`explain_extras`)."""
     curves = (methods + 1) * (2 * (faithfulness_steps - 1) + 2 * road_fractions) if faithfulness_steps else 0
-    return float(1 + (2 if faithfulness_steps else 0) + curves + 1), float(methods)
+    return float(1 + (2 if faithfulness_steps else 0) + curves + 1), float(gradients)
 
 
 def explain_extras(methods: int = 5, road_fractions: int = 5) -> dict[str, float]:

@@ -96,7 +96,7 @@ def count_passes(model, monkeypatch):
 
 
 def test_explain_pass_count_is_what_explain_runs(model, shared_images, monkeypatch):
-    """The planner's explain estimate (172 forwards + 5 gradients an image with the defaults;
+    """The planner's explain estimate (172 forwards + 3 gradients an image with the defaults;
     it said 1 + 8 before, 7x under the measured time) against the passes explain_batch makes."""
     from engine import explanations, faithfulness
     from engine.images import list_images, load_preprocessed
