@@ -229,6 +229,27 @@ def test_invert_compares_depths_given_a_list_of_layers(model, images):
         plan(parser.parse_args(["render", "invert", images[0], "--layer", "fc7,nope"]), model)
 
 
+def test_inputs_with_one_file_name_get_renders_of_their_own(model, images, tmp_path):
+    """Class folders of 1.jpg, 2.jpg ...: every render was named after the file's stem, so the
+    second overwrote the first in the store while both were counted. Now a repeated stem
+    takes its folder's name (numbered if that repeats too); a file given twice is one input."""
+    import shutil
+
+    from neurocat.cli import build_parser
+    from neurocat.commands.render import plan
+
+    for folder, src in (("cat", images[0]), ("dog", images[1])):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        shutil.copy(src, tmp_path / "data" / folder / "1.jpg")
+    shutil.copy(images[0], tmp_path / "1.jpg")
+    parser, _ = build_parser()
+    jobs, _ = plan(parser.parse_args(["render", "dream", str(tmp_path / "data"), str(tmp_path / "1.jpg"),
+                                      str(tmp_path / "1.jpg"), "--size", "48"]), model)
+    assert [j["name"] for j in jobs] == ["cat-1", "dog-1", f"{tmp_path.name}-1"]
+    fooling, _ = plan(parser.parse_args(["render", "fooling", str(tmp_path / "data"), "--classes", "954"]), model)
+    assert [j["name"] for j in fooling] == ["cat-1-to-954-banana", "dog-1-to-954-banana"]
+
+
 @pytest.mark.slow
 def test_demo_renders_on_another_data_folder_use_its_images(prefect_api, shared_images, tmp_path):
     """`neurocat demo --data DIR` crashed at the renders: they named the shipped chow and zebra."""

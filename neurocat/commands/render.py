@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections import Counter
 from pathlib import Path
 
 from engine.errors import InputError
@@ -163,6 +164,7 @@ def input_files(args) -> list[str]:
             raise InputError(f"no such image or folder: {p}")
     if not paths:
         raise InputError("give image files or folders (or --data)")
+    paths = list(dict.fromkeys(paths))  # a file given twice is one input
     return paths[:args.limit] if args.limit else paths
 
 
@@ -193,8 +195,22 @@ def _class_name(model, c: int) -> str:
     return f"{c}-{model.classes.names[c]}".replace("/", "_")
 
 
-def _stem(path: str) -> str:
-    return Path(path).stem
+def _names(paths: list[str]) -> dict[str, str]:
+    """A render name per input: its file stem or, where stems repeat (class folders of 1.jpg,
+    2.jpg ...), its folder and stem, numbered if that repeats too: two inputs never share one
+    store array (the second overwrote the first, and both were counted)."""
+    stems = Counter(Path(p).stem for p in paths)
+    names, taken = {}, set()
+    for p in paths:
+        path = Path(p)
+        base = name = path.stem if stems[path.stem] == 1 else f"{path.parent.name}-{path.stem}"
+        n = 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        names[p] = name
+        taken.add(name)
+    return names
 
 
 def _kw(args, **extra) -> dict:
@@ -238,24 +254,26 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
             raise InputError(f"--eps: {e}") from None
         p = _kw(args, size=args.size, confidence=args.confidence, eps=eps)
         starts = [None] if args.noise else _usable(input_files(args))
-        return [{"name": f"{_stem(i) if i else 'noise'}-to-{_class_name(model, c)}", "params": {**p, "class_index": c},
+        name = _names([i for i in starts if i]) | {None: "noise"}
+        return [{"name": f"{name[i]}-to-{_class_name(model, c)}", "params": {**p, "class_index": c},
                  "inputs": [i] if i else []} for i in starts for c in classes], None
     if args.kind == "dream" and args.channel is not None:
         check_channels(model, args.layer, [args.channel], "--channel")
     images = _usable(input_files(args))
+    name = _names(images)
     if args.kind == "dream":
         p = _kw(args, size=args.size, layer=model.resolve(args.layer), channel=args.channel, octaves=args.octaves,
                 octave_scale=args.octave_scale, jitter=args.jitter, tile=args.tile, overlap=args.overlap)
-        return [{"name": _stem(i), "params": p, "inputs": [i]} for i in images], None
+        return [{"name": name[i], "params": p, "inputs": [i]} for i in images], None
     if args.kind == "invert":  # a comma list of layers: the notes' comparison of depths, one render each
         layers = [name.strip() for name in args.layer.split(",") if name.strip()]
-        return [{"name": _stem(i) + (f"-{layer}" if len(layers) > 1 else ""),
+        return [{"name": name[i] + (f"-{layer}" if len(layers) > 1 else ""),
                  "params": _kw(args, size=args.size, layer=layer, tv_weight=args.tv_weight, tv_beta=args.tv_beta),
                  "inputs": [i]} for i in images for layer in layers], None
     if args.kind == "texture":
         p = _kw(args, size=args.size, optimizer=args.optimizer, record=record,
                 layers=args.layers.split(",") if args.layers else None)
-        return [{"name": _stem(i), "params": p, "inputs": [i]} for i in images], None
+        return [{"name": name[i], "params": p, "inputs": [i]} for i in images], None
     styles = _usable(args.style)
     if len(styles) != len(args.style):
         raise InputError("a --style image cannot be read")
@@ -271,7 +289,7 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
                     style_layers=args.style_layers.split(",") if args.style_layers else None,
                     content_layer=args.content_layer)
             suffix = f"-sw{sw:g}" if "," in args.style_weight else ""
-            jobs += [{"name": _stem(i) + suffix, "params": p, "inputs": [i, *styles]} for i in images]
+            jobs += [{"name": name[i] + suffix, "params": p, "inputs": [i, *styles]} for i in images]
         return jobs, None
     train = _usable(input_files(argparse.Namespace(images=[args.train_data], data=None, limit=args.limit))) \
         if args.train_data else images
@@ -279,7 +297,7 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
     fast = {"name": args.name, "styles": styles, "train_images": train,
             "params": _kw(args, size=args.train_size, width=args.width, blocks=args.blocks,
                           style_weight=args.style_weight),
-            "apply_items": [(_stem(i), i) for i in images],
+            "apply_items": [(name[i], i) for i in images],
             "style": int(apply_style[0]) if len(apply_style) == 1 else apply_style, "size": args.size or None}
     return [], fast
 
