@@ -256,6 +256,8 @@ def _project(model: LoadedModel, um, name: str, crops: np.ndarray, channels: np.
     x.requires_grad_(True)
     with model.lock, torch.enable_grad(), relu_backward_rule(um.module, rule):
         out = um(x)[name]
+        if out.dim() == 2:  # a [B, C] layer (the logits): one position, as the catalogue counts it
+            out = out[:, :, None, None]
         rows = torch.arange(len(crops))
         value = out[rows, torch.as_tensor(channels), torch.as_tensor(pos[:, 0]), torch.as_tensor(pos[:, 1])]
         grad, = torch.autograd.grad(value.sum(), x)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from engine.models import LoadedModel
+from engine.models import LoadedModel, smallest_input
 from engine.optvis import objectives as obj
 from engine.optvis.param import PixelParam, image_to_tensor, resize, tensor_to_image
 from engine.optvis.render import RenderResult, render
@@ -46,7 +46,8 @@ def deep_dream(model: LoadedModel, image: np.ndarray, opts: DreamOptions = Dream
     """The dreamed image (uint8, same size as `image`); snapshots: the image after each octave."""
     base = image_to_tensor(image).to(model.device)
     h, w = base.shape[-2:]
-    sizes = [(max(8, round(h / opts.octave_scale ** k)), max(8, round(w / opts.octave_scale ** k)))
+    low = smallest_input(model)  # a smaller octave crashed deep layers (_blocks.15 at --size 64)
+    sizes = [(max(low, round(h / opts.octave_scale ** k)), max(low, round(w / opts.octave_scale ** k)))
              for k in reversed(range(opts.octaves))]
     objective = obj.dream(model.resolve(opts.layer), opts.channel)
     g = torch.Generator().manual_seed(opts.seed)

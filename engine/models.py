@@ -302,6 +302,26 @@ def cached_model(name: str = "efficientnet_lite0", weights: str | None = None, d
     return load_model(name, weights, device)
 
 
+_SMALLEST_INPUT: dict[str, int] = {}
+
+
+def smallest_input(model: LoadedModel) -> int:
+    """The smallest square side the model runs on (32 for EfficientNet-Lite0, 63 for AlexNet,
+    whose pooling leaves nothing below it): renders scale octaves and style images no lower."""
+    if model.name not in _SMALLEST_INPUT:
+        _SMALLEST_INPUT[model.name] = next(side for side in (*range(32, 128), 128) if _runs_at(model, side))
+    return _SMALLEST_INPUT[model.name]
+
+
+def _runs_at(model: LoadedModel, side: int) -> bool:
+    try:
+        with model.lock, torch.no_grad():
+            model.module(torch.zeros(1, 3, side, side, device=model.device))
+        return True
+    except RuntimeError:
+        return side == 128  # nothing below 128 ran: the model's own error will say why
+
+
 def check_channels(model: LoadedModel, layer: str, channels: list[int], option: str) -> None:
     """Every channel in [0, channels of `layer`), or an InputError naming `option`."""
     name = model.resolve(layer)

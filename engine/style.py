@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from engine.errors import InputError
-from engine.models import LoadedModel
+from engine.models import LoadedModel, smallest_input
 from engine.optvis import objectives as obj
 from engine.optvis.param import PixelParam, image_to_tensor, resize
 from engine.optvis.render import RenderResult, forward_layers, network, render
@@ -51,6 +51,12 @@ STYLE_LAYERS = {
 }
 
 
+def step_size(optimizer: str, lr: float | None) -> float:
+    """L-BFGS takes whole steps (lr 1); Adam on [0, 1] pixels 0.05 (at L-BFGS's 1 its first step
+    moved every pixel across the whole range: colour noise, the loss up 20x)."""
+    return lr if lr is not None else (1.0 if optimizer == "lbfgs" else 0.05)
+
+
 def style_layers(model: LoadedModel) -> StyleLayers:
     if model.name not in STYLE_LAYERS:
         raise InputError(f"no default style layers for {model.name}; pass --style-layers and --content-layer")
@@ -64,7 +70,7 @@ class StyleOptions:
     size: int = 224
     steps: int = 150
     optimizer: str = "lbfgs"
-    lr: float = 1.0
+    lr: float | None = None  # None: the optimizer's own (`step_size`)
     content_weight: float = 1.0
     style_weight: float = 3.0
     tv_weight: float = 0.0
@@ -164,7 +170,7 @@ def style_transfer(model: LoadedModel, content: np.ndarray, styles: list[np.ndar
     tuned, s_layers, c_layer = _layers(model, opts)
     net = network(model, tuned.smooth, tuned.avg_pool)
     c = fit_size(image_to_tensor(content), opts.size)
-    style_size = max(8, round(opts.size * opts.style_scale))
+    style_size = max(smallest_input(model), round(opts.size * opts.style_scale))
     ss = [fit_size(image_to_tensor(s), style_size) for s in styles]
     if opts.preserve_color == "histogram":
         ss = [match_histograms(s, c) for s in ss]
@@ -185,12 +191,13 @@ def style_transfer(model: LoadedModel, content: np.ndarray, styles: list[np.ndar
     if opts.init not in init:
         raise InputError(f"unknown init {opts.init!r}; use content, style or noise")
     param = PixelParam(init[opts.init]())
-    result = render(model, objective, param, opts.steps, lr=opts.lr, optimizer=opts.optimizer, generator=g,
+    lr = step_size(opts.optimizer, opts.lr)
+    result = render(model, objective, param, opts.steps, lr=lr, optimizer=opts.optimizer, generator=g,
                     smooth=tuned.smooth, avg_pool=tuned.avg_pool, record=opts.record)
     if opts.preserve_color == "luminance":
         result.images = _recolor(result.images, c_color)
         result.snapshots = [(k, _recolor(im, c_color)) for k, im in result.snapshots]
-    result.settings = {**opts.to_dict(), "style_layers": list(s_layers), "content_layer": c_layer,
+    result.settings = {**opts.to_dict(), "lr": lr, "style_layers": list(s_layers), "content_layer": c_layer,
                        "smooth": tuned.smooth, "avg_pool": tuned.avg_pool}
     return result
 
@@ -209,7 +216,7 @@ class TextureOptions:
     size: int = 224
     steps: int = 200
     optimizer: str = "lbfgs"
-    lr: float = 1.0
+    lr: float | None = None  # None: the optimizer's own (`step_size`)
     layers: tuple[str, ...] | None = None  # None: the model's style layers
     layer_weights: tuple[float, ...] | None = None
     source_scale: float = 1.0
@@ -225,11 +232,13 @@ def synthesize_texture(model: LoadedModel, source: np.ndarray, opts: TextureOpti
     tuned = style_layers(model) if opts.layers is None else STYLE_LAYERS.get(model.name, StyleLayers((), ""))
     layers = tuple(model.resolve(l) for l in (opts.layers or tuned.style))
     net = network(model, tuned.smooth, tuned.avg_pool)
-    src = fit_size(image_to_tensor(source), max(8, round(opts.size * opts.source_scale)))
+    src = fit_size(image_to_tensor(source), max(smallest_input(model), round(opts.size * opts.source_scale)))
     objective = style_objective(model, net, [src], layers, opts.layer_weights, None)
     g = torch.Generator().manual_seed(opts.seed)
     param = PixelParam(shape=(1, 3, opts.size, opts.size), noise=0.5, generator=g)
-    result = render(model, objective, param, opts.steps, lr=opts.lr, optimizer=opts.optimizer, generator=g,
+    lr = step_size(opts.optimizer, opts.lr)
+    result = render(model, objective, param, opts.steps, lr=lr, optimizer=opts.optimizer, generator=g,
                     smooth=tuned.smooth, avg_pool=tuned.avg_pool, record=opts.record)
-    result.settings = {**opts.to_dict(), "layers": list(layers), "smooth": tuned.smooth, "avg_pool": tuned.avg_pool}
+    result.settings = {**opts.to_dict(), "lr": lr, "layers": list(layers), "smooth": tuned.smooth,
+                       "avg_pool": tuned.avg_pool}
     return result

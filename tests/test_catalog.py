@@ -368,3 +368,15 @@ def test_activation_grid_shows_both_signs_of_a_linear_layer(catalog):
         want = np.where((level < 0)[..., None], np.clip(-level, 0, 1)[..., None] * NEGATIVE_BLUE,
                         lut[np.round(np.clip(level, 0, 1) * 255).astype(int)])
         assert np.abs(cells - want).max() <= 0.5, u
+
+
+def test_the_logits_are_catalogued_with_their_projections(prefect_api, demo_data, tmp_path):
+    """`--layers logits` (a documented alias, a [B, C] output) crashed in the projection pass
+    indexing a 2-D output with a position; a class unit's projection is its input gradient."""
+    opts = RunOptions(data=str(demo_data), store=str(tmp_path / "l.zarr"), report=str(tmp_path / "l-report"),
+                      limit=3, shard_size=3)
+    catalog_flow(opts, ["logits"], top_k=2, bottom_k=1, projections=2, activation_images=0)
+    store = Store(opts.store, mode="r")
+    projection = store.read("catalog/_fc/projection")
+    assert projection.shape[0] == 2 and all(p.std() > 0 for p in projection)
+    assert store.read("catalog/_fc/top_yx").max() == 0  # the one position of a [C] output

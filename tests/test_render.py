@@ -206,6 +206,37 @@ def test_inversion_of_a_spatial_layer_jitters_without_changing_its_shape(model, 
     assert result.image.shape == (size, size, 3) and np.isfinite(result.losses).all()
 
 
+def test_small_renders_run_on_deep_layers(model, photo, other_photo):
+    """Octaves and style images were scaled down to 8 px, below what the model runs on (its
+    smallest input, 32 px here): DeepDream at 64 px on _blocks.15 and a style at 33 px with
+    --style-scale 0.5 crashed in a convolution. They stop at the model's smallest input."""
+    from engine.dream import DreamOptions, deep_dream
+    from engine.models import load_model, smallest_input
+    from engine.style import StyleOptions, style_transfer
+
+    assert smallest_input(model) == 32
+    assert smallest_input(load_model("alexnet", require_weights=False)) == 63  # `layers --input-size 33` crashed
+    dreamed = deep_dream(model, _uint8(photo)[:64, :48], DreamOptions(layer="_blocks.15", steps=1))
+    assert dreamed.image.shape == (64, 48, 3)
+    styled = style_transfer(model, _uint8(photo), [_uint8(other_photo)],
+                            StyleOptions(size=33, steps=1, style_scale=0.5, style_layers=("_blocks.0", "_blocks.15")))
+    assert min(styled.image.shape[:2]) == 33
+
+
+@pytest.mark.parametrize("kind", ["style", "texture"])
+def test_adam_style_and_texture_descend_from_their_first_step(model, photo, other_photo, kind):
+    """With Adam, style and texture took L-BFGS's lr 1: the first step moved every pixel across
+    the whole range (the loss went up 20x, the image was colour noise). Adam now steps 0.05."""
+    from engine.style import StyleOptions, TextureOptions, style_transfer, synthesize_texture
+
+    c, s = _uint8(photo), _uint8(other_photo)
+    result = (style_transfer(model, c, [s], StyleOptions(size=SIZE, steps=30, optimizer="adam")) if kind == "style"
+              else synthesize_texture(model, s, TextureOptions(size=SIZE, steps=30, optimizer="adam")))
+    losses = result.losses
+    assert result.settings["lr"] == 0.05
+    assert losses[1] < losses[0] and losses[-1] < 0.5 * losses[0], losses[:3]
+
+
 def test_fast_style_trains_and_keeps_odd_input_sizes(model, photo, other_photo):
     from engine.fast_style import FastStyleOptions, TransformNet, apply_fast_style, train_fast_style
 

@@ -149,15 +149,34 @@ def test_cli_render_rejects_bad_number_lists(tmp_path, images):
                          (["dream", str(images[0]), "--layer", "_blocks.6", "--channel", "5000"], "--channel"),
                          # layer names and blend weights checked before Prefect starts, not in the task
                          (["invert", str(images[0]), "--layer", "nope"], "model efficientnet_lite0 has no layer 'nope'"),
-                         (["style", str(images[0]), "--style", str(images[1]), "--blend", "0.5,0.5"], "--blend"),
-                         (["fooling", "--noise", "--classes", "954,banana"], "--classes"),
-                         (["fooling", str(images[0]), "--classes", "954", "--eps", "8/0"], "--eps"),
-                         (["fooling", "--noise", "--classes", "954", "--confidence", "1.5"], "--confidence")):
+                         (["style", str(images[0]), "--style", str(images[1]), "--blend", "0.5,0.5"], "--blend")):
         bad = subprocess.run([*neurocat_cmd(), "render", *args, "--store", str(tmp_path / "r.zarr")],
                              capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and f"error: {option}" in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert not (tmp_path / "r.zarr").exists()
+
+
+@pytest.mark.parametrize("args, option", [
+    (["fooling", "--noise", "--classes", "954,banana"], "--classes"),
+    (["fooling", "IMAGE", "--classes", "954", "--eps", "8/0"], "--eps"),
+    (["fooling", "--noise", "--classes", "954", "--confidence", "1.5"], "--confidence"),
+    # zero sizes and counts crashed inside the render; a [C] layer has no Gram matrix
+    (["classvis", "--classes", "1", "--steps", "0"], "--steps"),
+    (["featvis", "--layer", "_blocks.0", "--channels", "0", "--size", "0"], "--size"),
+    (["dream", "IMAGE", "--octaves", "0"], "--octaves"),
+    (["texture", "IMAGE", "--layers", "logits"], "--layers"),
+])
+def test_render_plans_refuse_values_no_render_runs_with(model, images, args, option):
+    """The same InputError the command prints in one line (exit 2, as in the test above),
+    raised by the plan before any render starts."""
+    from neurocat.cli import build_parser
+    from neurocat.commands.render import plan
+
+    parser, _ = build_parser()
+    with pytest.raises(InputError) as e:
+        plan(parser.parse_args(["render", *[images[0] if a == "IMAGE" else a for a in args]]), model)
+    assert str(e.value).startswith(option), str(e.value)
 
 
 def test_render_page_shows_renders_whose_names_look_like_url_syntax(tmp_path, images):

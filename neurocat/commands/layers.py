@@ -6,16 +6,19 @@ HELP = "list a model's layers with output shapes and receptive fields (no Prefec
 def add_arguments(p) -> None:
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--weights", help="optional; shapes do not need weights")
-    p.add_argument("--input-size", type=positive_int, help="square input side (default: the model's crop; at least 32)")
+    p.add_argument("--input-size", type=positive_int,
+                   help="square input side (default: the model's crop; at least the model's smallest, 32 for "
+                        "efficientnet_lite0)")
 
 
 def run(args) -> dict:
     from engine.errors import InputError
-    from engine.models import layer_table, load_model
+    from engine.models import layer_table, load_model, smallest_input
 
-    if args.input_size is not None and args.input_size < 32:  # the nets halve their input five times
-        raise InputError(f"--input-size {args.input_size} is too small: at least 32")
     model = load_model(args.model, args.weights, require_weights=False)
+    if args.input_size is not None and args.input_size < smallest_input(model):
+        raise InputError(f"--input-size {args.input_size} is too small: {model.name} needs at least "
+                         f"{smallest_input(model)}")
     rows = layer_table(model, args.input_size)
     if not args.json:
         width = max(len(r["layer"]) for r in rows)

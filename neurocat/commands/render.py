@@ -213,6 +213,24 @@ def _names(paths: list[str]) -> dict[str, str]:
     return names
 
 
+def _check_numbers(args) -> None:
+    """Sizes, steps and octaves a render can run with (0 crashed in the loop, not here)."""
+    if args.steps < 1:
+        raise InputError(f"--steps: must be at least 1, got {args.steps}")
+    if args.size < (0 if args.kind == "fast-style" else 1):  # fast style's 0: each image at its own size
+        raise InputError(f"--size: must be positive, got {args.size}")
+    if getattr(args, "octaves", 1) < 1:
+        raise InputError(f"--octaves: must be at least 1, got {args.octaves}")
+
+
+def _check_spatial(model, layer: str, option: str) -> None:
+    """Gram matrices are over a layer's positions: a [C] output (the logits, fc7 pooled) has none."""
+    from engine.models import output_shapes
+
+    if len(output_shapes(model).get(model.resolve(layer), ())) != 3:
+        raise InputError(f"--{option.replace('_', '-')}: {layer} has no spatial map to take a Gram matrix of")
+
+
 def _kw(args, **extra) -> dict:
     base = {"steps": args.steps, "seed": args.seed}
     if args.lr is not None:
@@ -224,6 +242,7 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
     """The kind's jobs (or fast style's one training + folder) from the parsed arguments."""
     from engine.models import check_channels
 
+    _check_numbers(args)
     record = _ints(args.record, "--record")
     if args.kind == "classvis":
         classes = _classes(args.classes, model)
@@ -242,6 +261,8 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
         for name in (getattr(args, option, None) or "").split(","):
             if name.strip():
                 model.resolve(name.strip())
+                if option in ("layers", "style_layers"):
+                    _check_spatial(model, name.strip(), option)
     if args.kind == "fooling":
         from engine.attacks import parse_eps
 
