@@ -324,12 +324,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neurocat: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         print("neurocat: internal error (above); please report it", file=sys.stderr)
         return 1
     sys.stdout = real_stdout
-    _print_result(result or {}, args.json)
+    try:
+        _print_result(result or {}, args.json)
+    except BrokenPipeError:
+        return _reader_gone()
+    return 0
+
+
+def _reader_gone() -> int:
+    """stdout's reader has stopped reading (`neurocat layers | head`): end quietly, as a Unix
+    tool does, not with a traceback and "internal error"; the rest of the output goes nowhere."""
+    sys.stdout = sys.__stdout__
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
     return 0
 
 

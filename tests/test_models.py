@@ -113,3 +113,13 @@ def test_layers_command():
                  ["plan", "--data", ".", "--images", "-5"]):
         bad = subprocess.run(neurocat_cmd() + args, capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`neurocat layers | head -1`: the pipe closed under the table, and the command printed a
+    BrokenPipeError traceback and "internal error" (exit 1). It ends quietly now."""
+    proc = subprocess.Popen(neurocat_cmd() + ["layers"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # what `head` does once it has its lines: here before the table is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "internal error" not in err, err
