@@ -197,22 +197,41 @@ def previous_state(previous: str, model: LoadedModel) -> dict:
     manifest = prev.read_manifest()
     usable = manifest["status"].to_numpy() == "ok"
     unit = audit.unit_rows(prev.read("features/fc7"))
-    return {"path": previous, "findings": prev.attrs("audit")["findings"], "manifest": manifest,
+    then = prev.attrs("audit")
+    return {"path": previous, "findings": then["findings"], "manifest": manifest,
+            "settings": then.get("settings") or {}, "metadata": then.get("metadata"),
             "centroids": audit.class_centroids(unit[usable], manifest["label"].to_numpy()[usable])}
 
 
-def drift(prev: dict, manifest: pd.DataFrame, unit: np.ndarray, usable: np.ndarray, findings: dict) -> dict:
+def not_compared(prev: dict, settings: AuditSettings, metadata: str | None) -> dict[str, str]:
+    """Finding kinds the two audits did not look for alike, and why: their differences are the
+    settings', not the dataset's (a context test skipped now made every earlier context
+    finding "resolved")."""
+    then = prev["settings"]
+    out = {}
+    if then.get("context_per_class") != settings.context_per_class:
+        out["context_reliance"] = (f"context images per class {then.get('context_per_class')} then, "
+                                   f"{settings.context_per_class} now")
+    if (prev["metadata"] is None) != (metadata is None) or then.get("bias_layers") != settings.bias_layers:
+        out["unit_bias"] = "unit bias tested with other metadata or layers"
+    return out
+
+
+def drift(prev: dict, manifest: pd.DataFrame, unit: np.ndarray, usable: np.ndarray, findings: dict,
+          uncompared: dict[str, str] | None = None) -> dict:
     """What changed since the previous audit; marks each current finding new or persisting.
 
+    Kinds in `uncompared` (`not_compared`) are left out, with their reason.
     New and resolved duplicate clusters, label suspects and outliers carry a `cause`: the
     image change behind them (added, moved, modified / removed), or `rescored` when their
     images are unchanged and only the evidence about them moved, so the planted changes
     of a dataset are told apart from their side effects on other images' scores."""
+    uncompared = uncompared or {}
     images = audit.image_changes(prev["manifest"], manifest)
     changed_now, changed_before = audit.change_causes(images)
-    changes = audit.finding_changes(prev["findings"], findings)
+    changes = {k: c for k, c in audit.finding_changes(prev["findings"], findings).items() if k not in uncompared}
     resolved = {}
-    for kind in audit.KINDS:
+    for kind in changes:
         new, gone = set(changes[kind]["new"]), set(changes[kind]["resolved"])
         with_paths = kind in PATH_KINDS
         for f in findings[kind]:
@@ -227,7 +246,8 @@ def drift(prev: dict, manifest: pd.DataFrame, unit: np.ndarray, usable: np.ndarr
             "findings": {k: {s: len(v) for s, v in c.items()} for k, c in changes.items()},
             "new_near_duplicates": [f for f in findings["near_duplicates"] if f["status"] == "new"],
             "new_label_issues": [f for f in findings["label_issues"] if f["status"] == "new"],
-            "resolved": resolved, "centroid_shift": audit.centroid_shift(prev["centroids"], current)}
+            "resolved": resolved, "not_compared": uncompared,
+            "centroid_shift": audit.centroid_shift(prev["centroids"], current)}
 
 
 def apply_metadata_split(manifest: pd.DataFrame, metadata: pd.DataFrame | None) -> pd.DataFrame:
@@ -345,7 +365,7 @@ def run_audit(opts: RunOptions, store: Store, metadata: str | None = None, previ
         findings, methods = analyse(opts, store, meta, settings, positives, context)
         if prev is not None:
             findings["drift"] = drift(prev, store.read_manifest(), audit.unit_rows(store.read("features/fc7")),
-                                      usable, findings)
+                                      usable, findings, not_compared(prev, settings, metadata))
     store.update_attrs("audit", findings=findings, methods=methods, calibration_positives=positives,
                        settings=settings.model_dump(), metadata=metadata, previous=previous)
     findings_path = write_json(claim(opts.report, "findings.json"), findings)  # before the report: its gate reads it

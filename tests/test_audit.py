@@ -555,3 +555,27 @@ def test_unfilled_catalogue_slots_count_for_no_group():
                                      alpha=1.01)
     assert found and all(np.isfinite(f["p_value"]) and np.isfinite(f["q_value"]) for f in found)
     assert all(len(f["top_paths"]) == f["k"] for f in found)  # the real rows only
+
+
+def test_kinds_the_audits_did_not_look_for_alike_are_not_compared(first_audit, model):
+    """An audit run without the context test (--context-per-class 0) after one with it called
+    every earlier context finding "resolved" (a sweep of the CLI found it): those images were
+    not tested, not cleared. Such kinds are left out of the drift, with the reason."""
+    import copy
+
+    from flows.audit import drift, not_compared, previous_state
+
+    store = Store(first_audit["result"]["store"], mode="r")
+    prev = previous_state(first_audit["result"]["store"], model)
+    assert prev["findings"]["context_reliance"]  # the first audit has some
+    manifest = store.read_manifest()
+    usable = manifest["status"].to_numpy() == "ok"
+    unit = audit.unit_rows(store.read("features/fc7"))
+    now = copy.deepcopy(prev["findings"])
+    now["context_reliance"] = []  # what a run with the context test off finds
+    skipped = not_compared(prev, SETTINGS.model_copy(update={"context_per_class": 0}), None)
+    assert skipped == {"context_reliance": "context images per class 2 then, 0 now"}
+    d = drift(prev, manifest, unit, usable, now, skipped)
+    assert "context_reliance" not in d["findings"] and "context_reliance" not in d["resolved"]
+    assert d["not_compared"] == skipped and d["findings"]["near_duplicates"]["resolved"] == 0
+    assert not_compared(prev, SETTINGS, None) == {}  # the same settings: everything compared
