@@ -34,13 +34,20 @@ def _tuples(p: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}
 
 
+def _without_record(options, p: dict):
+    """The kind's options from its parameters; `record` (steps to snapshot) goes to the loop."""
+    return options(**{k: v for k, v in p.items() if k != "record"})
+
+
 RENDERERS = {
     "dream": lambda m, p, paths: deep_dream(m, load_image(paths[0], p.pop("size")), DreamOptions(**p)),
     "style": lambda m, p, paths: style_transfer(m, load_image(paths[0]), [load_image(s) for s in paths[1:]],
                                                 StyleOptions(**_tuples(p))),
     "texture": lambda m, p, paths: synthesize_texture(m, load_image(paths[0]), TextureOptions(**_tuples(p))),
-    "classvis": lambda m, p, paths: class_visualisation(m, p.pop("class_index"), ClassVisOptions(**p)),
-    "invert": lambda m, p, paths: invert_features(m, load_image(paths[0]), InvertOptions(**p)),
+    "classvis": lambda m, p, paths: class_visualisation(m, p.pop("class_index"), _without_record(ClassVisOptions, p),
+                                                        record=tuple(p.get("record", ()))),
+    "invert": lambda m, p, paths: invert_features(m, load_image(paths[0]), _without_record(InvertOptions, p),
+                                                  record=tuple(p.get("record", ()))),
     "featvis": lambda m, p, paths: feature_visualisation(m, **p),
     "fooling": lambda m, p, paths: fooling_render(m, p.pop("class_index"), load_image(paths[0], p["size"]) if paths
                                                   else None, FoolingOptions(**p)),
@@ -74,6 +81,8 @@ def render_task(store_path: str, kind: str, name: str, params: dict, inputs: lis
     if result.snapshots:
         store.write_array(f"render/{kind}/_steps/{name}", np.stack([s[1][0] for s in result.snapshots]),
                           attrs={"steps": [s[0] for s in result.snapshots], "of": key})
+    else:  # an earlier render of this name recorded steps: they are not this one's
+        store.delete(f"render/{kind}/_steps/{name}")
     for b, image in enumerate(result.images):  # a batched featvis writes one array per unit
         store.write_array(key if len(result.images) == 1 else f"{key}-{b}", image, attrs)
     return {"name": name, "seconds": attrs["seconds"], "loss_first": attrs["loss_first"],

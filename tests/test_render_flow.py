@@ -107,6 +107,22 @@ def test_fooling_images_are_read_as_their_target_class(prefect_api, tmp_path, im
     assert "target_probability" in (tmp_path / "report" / "render" / "fooling-1.html").read_text()
 
 
+def test_recorded_steps_belong_to_the_render_they_sit_beside(prefect_api, tmp_path, images):
+    """--record was ignored for invert and classvis; and a render made again without --record
+    kept the steps of the earlier one, shown with the new image (a sweep of the CLI found both)."""
+    from flows.render import render_flow
+    from storage.store import Store
+
+    params = {"size": 32, "steps": 3, "layer": "_blocks.2"}
+    render_flow(_opts(tmp_path), "invert", [{"name": "chow", "params": {**params, "record": [1, 2]},
+                                             "inputs": images[:1]}])
+    store = Store(str(tmp_path / "r.zarr"), mode="r")
+    assert store.read("render/invert/_steps/chow").shape == (2, 32, 32, 3)
+    assert store.attrs("render/invert/_steps/chow")["steps"] == [1, 2]
+    render_flow(_opts(tmp_path), "invert", [{"name": "chow", "params": params, "inputs": images[:1]}])
+    assert not Store(str(tmp_path / "r.zarr"), mode="r").has("render/invert/_steps/chow")
+
+
 def test_fast_style_flow_trains_once_and_stylises_a_folder(prefect_api, tmp_path, images):
     from flows.render import render_flow
     from storage.store import Store
@@ -166,6 +182,7 @@ def test_cli_render_rejects_bad_number_lists(tmp_path, images):
     (["featvis", "--layer", "_blocks.0", "--channels", "0", "--size", "0"], "--size"),
     (["dream", "IMAGE", "--octaves", "0"], "--octaves"),
     (["texture", "IMAGE", "--layers", "logits"], "--layers"),
+    (["fooling", "--noise", "--classes", "954", "--record", "2"], "--record"),  # was ignored silently
 ])
 def test_render_plans_refuse_values_no_render_runs_with(model, images, args, option):
     """The same InputError the command prints in one line (exit 2, as in the test above),

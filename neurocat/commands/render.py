@@ -47,7 +47,8 @@ def _common(sp, size: int, steps: int, images: bool) -> None:
     sp.add_argument("--steps", type=int, default=steps)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--lr", type=finite_float, help="step size (default: the kind's tuned value)")
-    sp.add_argument("--record", default="", help="steps to keep as intermediate images, e.g. 10,50")
+    sp.add_argument("--record", default="",
+                    help="steps to keep as intermediate images, e.g. 10,50 (dream keeps every octave's)")
     _output_options(sp)
 
 
@@ -244,11 +245,14 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
 
     _check_numbers(args)
     record = _ints(args.record, "--record")
+    if record and args.kind in ("dream", "fast-style", "fooling"):
+        raise InputError(f"--record: {args.kind} keeps no intermediate steps"
+                         f"{' (it keeps every octave)' if args.kind == 'dream' else ''}")
     if args.kind == "classvis":
         classes = _classes(args.classes, model)
         params = _kw(args, size=args.size, l2_weight=args.l2_weight, decay=args.decay, blur_every=args.blur_every,
                      blur_sigma=args.blur_sigma, clip_norm_pct=args.clip_norm_pct,
-                     clip_contribution_pct=args.clip_contribution_pct, jitter=args.jitter)
+                     clip_contribution_pct=args.clip_contribution_pct, jitter=args.jitter, record=record)
         return [{"name": _class_name(model, c), "params": {**params, "class_index": c}} for c in classes], None
     if args.kind == "featvis":
         layer = model.resolve(args.layer)
@@ -289,7 +293,8 @@ def plan(args, model) -> tuple[list[dict], dict | None]:
     if args.kind == "invert":  # a comma list of layers: the notes' comparison of depths, one render each
         layers = [name.strip() for name in args.layer.split(",") if name.strip()]
         return [{"name": name[i] + (f"-{layer}" if len(layers) > 1 else ""),
-                 "params": _kw(args, size=args.size, layer=layer, tv_weight=args.tv_weight, tv_beta=args.tv_beta),
+                 "params": _kw(args, size=args.size, layer=layer, tv_weight=args.tv_weight, tv_beta=args.tv_beta,
+                               record=record),
                  "inputs": [i]} for i in images for layer in layers], None
     if args.kind == "texture":
         p = _kw(args, size=args.size, optimizer=args.optimizer, record=record,
