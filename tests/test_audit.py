@@ -573,9 +573,10 @@ def test_kinds_the_audits_did_not_look_for_alike_are_not_compared(first_audit, m
     unit = audit.unit_rows(store.read("features/fc7"))
     now = copy.deepcopy(prev["findings"])
     now["context_reliance"] = []  # what a run with the context test off finds
-    skipped = not_compared(prev, SETTINGS.model_copy(update={"context_per_class": 0}), None)
-    assert skipped == {"context_reliance": "context images per class 2 then, 0 now"}
+    then = AuditSettings(**prev["settings"])  # what the store's last audit used (other tests rerun it)
+    skipped = not_compared(prev, then.model_copy(update={"context_per_class": 0}), prev["metadata"])
+    assert skipped == {"context_reliance": f"context images per class {then.context_per_class} then, 0 now"}
     d = drift(prev, manifest, unit, usable, now, skipped)
     assert "context_reliance" not in d["findings"] and "context_reliance" not in d["resolved"]
     assert d["not_compared"] == skipped and d["findings"]["near_duplicates"]["resolved"] == 0
-    assert not_compared(prev, SETTINGS, None) == {}  # the same settings: everything compared
+    assert not_compared(prev, then, prev["metadata"]) == {}  # the same settings: everything compared

@@ -144,6 +144,13 @@ def processes_with_home(home) -> list[int]:
     return pids
 
 
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_cli_without_an_api_runs_on_its_own_server_and_leaves_none(tmp_path, demo_data):
     """No API configured: the CLI starts Prefect's temporary server early (while it imports), a
     job runs on it, in the database of the Prefect home; a command that fails after the start
@@ -177,8 +184,8 @@ def test_a_killed_command_takes_its_temporary_server_with_it(tmp_path, demo_data
     job = subprocess.Popen(neurocat_cmd() + ["predict", "--data", str(demo_data), "--store", str(tmp_path / "p.zarr")],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    def started():
-        return [pid for pid in processes_with_home(home) if pid != job.pid]
+    def started():  # the server once it runs uvicorn: a fork not yet past its setsid has the command's session
+        return [pid for pid in processes_with_home(home) if pid != job.pid and b"uvicorn" in command_line(pid)]
     while not started() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     servers = started()
