@@ -273,14 +273,15 @@ def fooling_render(model, class_index: int, image: np.ndarray | None, opts: Fool
         adv, taken, _, losses = fooling_images(forward, start, target, opts.lr, opts.steps, opts.confidence,
                                                opts.eps)
         stored = to_uint8(adv, start if image is not None else None)
+        pixels = to_pixels(stored)
         with torch.no_grad():
-            probs = forward(to_pixels(stored).to(model.device)).softmax(1)[0]
+            probs = forward(pixels.to(model.device)).softmax(1)[0]
     result = RenderResult(images=stored.numpy(), losses=np.asarray(losses), seconds=time.perf_counter() - t0)
     result.settings = {"class_index": int(class_index), "start": "noise" if image is None else "image",
                        **asdict(opts)}
     result.facts = {"steps_taken": int(taken[0]), "target_probability": round(float(probs[class_index]), 4),
-                    "top_class": int(probs.argmax()), "linf_change": round(float(
-                        (to_pixels(stored) - start.cpu()).abs().max()), 4) if image is not None else None}
+                    "top_class": int(probs.argmax()),
+                    "linf_change": round(float((pixels - start.cpu()).abs().max()), 4) if image is not None else None}
     return result
 
 

@@ -308,8 +308,8 @@ _SMALLEST_INPUT: dict[str, int] = {}
 def smallest_input(model: LoadedModel) -> int:
     """The smallest square side the model runs on (32 for EfficientNet-Lite0, 63 for AlexNet,
     whose pooling leaves nothing below it): renders scale octaves and style images no lower."""
-    if model.name not in _SMALLEST_INPUT:
-        _SMALLEST_INPUT[model.name] = next(side for side in (*range(32, 128), 128) if _runs_at(model, side))
+    if model.name not in _SMALLEST_INPUT:  # 128 if nothing smaller runs: the model's own error will say why
+        _SMALLEST_INPUT[model.name] = next((side for side in range(32, 128) if _runs_at(model, side)), 128)
     return _SMALLEST_INPUT[model.name]
 
 
@@ -319,7 +319,7 @@ def _runs_at(model: LoadedModel, side: int) -> bool:
             model.module(torch.zeros(1, 3, side, side, device=model.device))
         return True
     except RuntimeError:
-        return side == 128  # nothing below 128 ran: the model's own error will say why
+        return False
 
 
 def check_channels(model: LoadedModel, layer: str, channels: list[int], option: str) -> None:
